@@ -1,0 +1,161 @@
+"""The engine loop: requests in, scheduled steps through the model runner, finished outputs out.
+
+Independent of HTTP: the offline ``LLM`` class and the server both drive it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from exactllm.config import EngineConfig, kv_cache_bytes
+from exactllm.engine.block_manager import BlockManager
+from exactllm.engine.model_runner import ModelRunner
+from exactllm.engine.sampler import SeqRandom
+from exactllm.engine.scheduler import Scheduler
+from exactllm.engine.sequence import Sequence
+from exactllm.layers.ops import make_ops
+from exactllm.layers.parallel import TPContext
+from exactllm.models.loader import ModelSource
+from exactllm.numerics import resolve
+from exactllm.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def build_model(source: ModelSource, cfg: EngineConfig, tp: TPContext = TPContext()):
+    from exactllm.models.registry import model_class
+    ops = make_ops(cfg.device, resolve(cfg.numerics))
+    weights = source.weights_fn(cfg.device)
+    model = model_class(source.config)(source.config, weights, ops, tp, cfg.dtype)
+    return model.to(cfg.device).eval()
+
+
+def num_kv_blocks(source: ModelSource, cfg: EngineConfig, tp_world: int) -> int:
+    """Size the paged KV pool: an explicit count, else free GPU memory x utilization, else a CPU budget."""
+    if cfg.num_kv_blocks:
+        return cfg.num_kv_blocks
+    per_block = kv_cache_bytes(source.config, cfg.block_size, cfg.dtype) // tp_world
+    if torch.device(cfg.device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(torch.device(cfg.device))
+        budget = free - total * (1.0 - cfg.gpu_memory_utilization)
+    else:
+        budget = cfg.cpu_kv_bytes
+    needed = cfg.max_num_seqs * -(-source.config.max_context // cfg.block_size)
+    return max(2, min(int(budget // per_block), needed))
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut text before the earliest stop string; returns (text, whether one was found)."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class LLMEngine:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, executor=None):
+        self.source, self.cfg = source, cfg
+        self.tokenizer = source.tokenizer
+        self.model_config = source.config
+        self.max_model_len = source.config.max_context
+        blocks = num_kv_blocks(source, cfg, cfg.tensor_parallel_size)
+        if executor is None:
+            model = build_model(source, cfg)
+            kv = model.allocate_kv(blocks, cfg.block_size, cfg.dtype, cfg.device)
+            executor = ModelRunner(model, kv, cfg.device, cfg.block_size)
+        self.runner = executor
+        self.block_manager = BlockManager(blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self._ids = itertools.count()
+        self._randoms: dict[int, SeqRandom] = {}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0}
+
+    def encode(self, prompt: "str | list[int]") -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.model_config.vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be a non-empty list of ints in [0, {self.model_config.vocab})")
+        return list(prompt)
+
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams, modality_ids=None) -> Sequence:
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        capacity = self.block_manager.num_blocks * self.cfg.block_size
+        if len(ids) + 1 > capacity:
+            raise ValueError(f"prompt has {len(ids)} tokens; the KV cache holds only {capacity}")
+        seq_id = next(self._ids)
+        seed = params.seed if params.seed is not None else hash((self.cfg.seed, seq_id)) & 0x7FFFFFFF
+        seq = Sequence(seq_id, ids, params, seed, prompt if isinstance(prompt, str) else None,
+                       modality_ids=modality_ids)
+        self._randoms[seq_id] = SeqRandom(seed)
+        self.scheduler.add(seq)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(ids)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request (e.g. its client went away): frees its KV blocks."""
+        if not seq.finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+            self._randoms.pop(seq.seq_id, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Sequence]:
+        """One scheduled forward pass; returns the sequences that got a new token."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            if self.scheduler.has_work():
+                raise RuntimeError("the KV cache is too small to make progress on any request")
+            return []
+        results = self.runner.step(chunks, self._randoms)
+        for ch in chunks:
+            ch.seq.num_computed = ch.start + ch.length
+            self.block_manager.commit_full_blocks(ch.seq)
+        for seq, token, logprob in results:
+            seq.output_token_ids.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(logprob)
+            self.stats["generation_tokens"] += 1
+            self._check_finished(seq, token)
+        return [seq for seq, _, _ in results]
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = None
+        if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        text, hit = None, False
+        if p.stop:  # a stop string can only be seen in the detokenized text
+            text, hit = truncate_at_stop(self.tokenizer.decode(seq.output_token_ids), p.stop)
+            reason = "stop" if hit else reason
+        if reason:
+            seq.text = text if text is not None else self.tokenizer.decode(seq.output_token_ids)
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+            self._randoms.pop(seq.seq_id, None)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        text = seq.text if seq.finished else self.tokenizer.decode(seq.output_token_ids)
+        return RequestOutput(seq.seq_id, seq.prompt, list(seq.prompt_token_ids), text,
+                             list(seq.output_token_ids), list(seq.logprobs), seq.finish_reason)

@@ -1,0 +1,72 @@
+"""Turns a scheduled step into tensors, runs the model, and returns next tokens with log-probs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exactllm.engine.sampler import sample
+from exactllm.engine.scheduler import ScheduledChunk
+from exactllm.layers.attention import AttnBatch
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward pass needs; plain tensors so it can be broadcast to TP workers."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    batch: AttnBatch
+    logit_rows: torch.Tensor  # rows whose next-token distribution is wanted
+
+    def to(self, device) -> "StepInputs":
+        b = self.batch
+        return StepInputs(self.input_ids.to(device), self.positions.to(device),
+                          AttnBatch(b.cu_seqlens_q.to(device), b.context_lens.to(device),
+                                    b.block_tables.to(device), b.slot_mapping.to(device)),
+                          self.logit_rows.to(device))
+
+
+def build_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
+    ids, pos, slots, cu, ctx, logit_rows = [], [], [], [0], [], []
+    for ch in chunks:
+        seq = ch.seq
+        ids.extend(seq.token_ids[ch.start:ch.start + ch.length])
+        for p in range(ch.start, ch.start + ch.length):
+            pos.append(p)
+            slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
+        cu.append(cu[-1] + ch.length)
+        ctx.append(ch.start + ch.length)
+        if ch.completes:
+            logit_rows.append(cu[-1] - 1)
+    width = max(len(ch.seq.block_table) for ch in chunks)
+    tables = [ch.seq.block_table + [0] * (width - len(ch.seq.block_table)) for ch in chunks]
+    i32 = torch.int32
+    return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
+                      AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32),
+                                torch.tensor(tables, dtype=i32), torch.tensor(slots, dtype=torch.long)),
+                      torch.tensor(logit_rows, dtype=torch.long))
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list, device, block_size: int):
+        self.model, self.kv_caches = model, kv_caches
+        self.device, self.block_size = torch.device(device), block_size
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
+        """float32 logits [len(logit_rows), vocab] (empty when no chunk completes)."""
+        inputs = inputs.to(self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
+        return self.model.logits(hidden[inputs.logit_rows])
+
+    def step(self, chunks: list[ScheduledChunk], randoms: dict, forward=None) -> list[tuple]:
+        """Run one step; returns (seq, token, logprob) for every chunk that reached its end."""
+        inputs = build_inputs(chunks, self.block_size)
+        logits = (forward or self.forward_logits)(inputs)
+        done = [ch.seq for ch in chunks if ch.completes]
+        if not done:
+            return []
+        tokens = sample(logits, [s.params for s in done], [randoms[s.seq_id] for s in done])
+        logprobs = self.model.ops.log_softmax(logits)
+        picked = logprobs[torch.arange(len(done), device=logits.device), torch.tensor(tokens, device=logits.device)]
+        return list(zip(done, tokens, picked.tolist()))

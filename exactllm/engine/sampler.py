@@ -1,0 +1,55 @@
+"""Token selection: greedy, temperature, top-k, top-p; seeded per sequence.
+
+Each sequence owns a CPU generator seeded from its request seed, and draws exactly one uniform
+number per sampled token, so its samples do not depend on what else is in the batch. The
+filtering and the inverse-CDF lookup run batched on the logits' device.
+"""
+from __future__ import annotations
+
+import torch
+
+from exactllm.sampling_params import SamplingParams
+
+
+class SeqRandom:
+    """One sequence's random stream."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def uniform(self) -> float:
+        return torch.rand((), generator=self.gen).item()
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities [S, V] after temperature, top-k (0 = off) and top-p (1 = off), sorted descending,
+    with the matching token ids: returns (sorted_probs, sorted_ids)."""
+    scaled = logits / temperature[:, None]
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True), sorted_ids
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom]) -> list[int]:
+    """One next token per row of float32 logits [S, V]."""
+    out = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        dev = logits.device
+        temperature = torch.tensor([params[i].temperature for i in sampled], device=dev, dtype=torch.float32)
+        top_k = torch.tensor([params[i].top_k for i in sampled], device=dev)
+        top_p = torch.tensor([params[i].top_p for i in sampled], device=dev, dtype=torch.float32)
+        probs, ids = filter_logits(logits[rows], temperature, top_k, top_p)
+        u = torch.tensor([randoms[i].uniform() for i in sampled], device=dev, dtype=torch.float32)
+        cdf = probs.cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(logits.shape[-1] - 1)
+        out[rows] = ids.gather(1, pick)[:, 0]
+    return out.tolist()

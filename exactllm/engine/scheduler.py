@@ -1,0 +1,88 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step schedules, for each chosen sequence, the next chunk of its not-yet-computed tokens
+(a decode step is a chunk of one). Running sequences go first; waiting ones are admitted while
+the token budget, the sequence cap and free KV blocks allow. When blocks run out, the most
+recently admitted running sequence is preempted: its blocks are freed and it goes back to the
+head of the waiting queue, to be recomputed later (nothing is lost or truncated).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from exactllm.engine.block_manager import BlockManager
+from exactllm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int   # first token index computed this step
+    length: int  # tokens computed this step
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the sequence's last token, so it yields a next token."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget, chunks = self.max_tokens, []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below to make room for an earlier sequence
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed + n) and self.running[-1] is not seq:
+                self.preempt(self.running[-1])
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                self.preempt(seq)
+                continue
+            self.blocks.grow(seq, seq.num_computed + n)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.allocate_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                self.blocks.free_seq(seq)
+                break
+            self.blocks.grow(seq, seq.num_computed + n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        return chunks
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)

@@ -1,0 +1,22 @@
+"""Rotary position embedding, GGUF/llama.cpp "normal" layout: adjacent pairs (2i, 2i+1)
+rotate together (HF's convert script permutes q/k rows so this equals HF's rotate_half)."""
+from __future__ import annotations
+
+import torch
+
+
+def rope_cache(head_dim: int, max_pos: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_pos, head_dim // 2] in float32; theta_i = base^(-2i/d)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.arange(max_pos, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; positions [T]; returns the rotated x (same dtype), computed in float32."""
+    c = cos[positions][:, None, :]
+    s = sin[positions][:, None, :]
+    xf = x.float()
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)

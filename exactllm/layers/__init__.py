@@ -1,0 +1,1 @@
+"""Model building blocks: quantized/parallel linear layers, attention, norms, MoE."""

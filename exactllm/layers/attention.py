@@ -1,0 +1,61 @@
+"""Self-attention block (GQA, RoPE) over a paged KV cache, and the batch metadata it reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from exactllm.config import ModelConfig
+from exactllm.layers.linear import Linear, shard_weight
+from exactllm.layers.ops import Ops
+from exactllm.layers.parallel import TPContext
+
+
+@dataclass
+class AttnBatch:
+    """Where a packed batch of query rows sits in the paged KV cache.
+
+    Sequence s owns query rows cu_seqlens_q[s]:cu_seqlens_q[s+1]; they are the last rows of
+    its context of context_lens[s] tokens; slot_mapping[t] is the flat cache slot of row t.
+    """
+    cu_seqlens_q: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    @property
+    def last_rows(self) -> torch.Tensor:
+        return self.cu_seqlens_q[1:] - 1
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, ops: Ops, tp: TPContext):
+        super().__init__()
+        if cfg.n_heads % tp.world or cfg.n_kv_heads % tp.world:
+            raise ValueError(f"tensor_parallel_size {tp.world} must divide n_heads {cfg.n_heads} "
+                             f"and n_kv_heads {cfg.n_kv_heads}")
+        self.ops, self.tp = ops, tp
+        self.n_heads = cfg.n_heads // tp.world
+        self.n_kv_heads = cfg.n_kv_heads // tp.world
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.q = Linear(shard_weight(weights[f"{prefix}.attn_q.weight"], 0, tp))
+        self.k = Linear(shard_weight(weights[f"{prefix}.attn_k.weight"], 0, tp))
+        self.v = Linear(shard_weight(weights[f"{prefix}.attn_v.weight"], 0, tp))
+        self.o = Linear(shard_weight(weights[f"{prefix}.attn_output.weight"], 1, tp))
+
+    def forward(self, x, positions, batch: AttnBatch, kv_cache, rope_tables):
+        ops = self.ops
+        t = x.shape[0]
+        q = ops.linear(x, self.q.value).view(t, self.n_heads, self.head_dim)
+        k = ops.linear(x, self.k.value).view(t, self.n_kv_heads, self.head_dim)
+        v = ops.linear(x, self.v.value).view(t, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_tables
+        q = ops.rope(q, positions, cos, sin)
+        k = ops.rope(k, positions, cos, sin)
+        k_cache, v_cache = kv_cache
+        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        o = ops.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
+                          batch.block_tables, self.scale)
+        return ops.row_parallel_linear(o.reshape(t, -1), self.o.value, self.tp)

@@ -1,0 +1,50 @@
+"""Linear layer over a dense or block-quantized weight, sharded for tensor parallelism.
+
+The weight stays in its stored form (GGUF blocks for Q4_0/Q4_1/Q8_0); kernels dequantize
+inside (GPU) or per call (CPU reference), so the model is never expanded to FP32 as a whole.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from exactllm.formats.quant import QuantWeight
+from exactllm.layers.parallel import TPContext
+
+
+def shard_weight(w: "torch.Tensor | QuantWeight", dim: int, tp: TPContext):
+    """This rank's part of w along dim (0: output rows, column-parallel; 1: K, row-parallel)."""
+    if tp.world == 1:
+        return w
+    if isinstance(w, QuantWeight):
+        return w.shard(dim, tp.rank, tp.world)
+    start, end = tp.shard_range(w.shape[dim])
+    return w.narrow(dim, start, end - start).contiguous()
+
+
+class Linear(nn.Module):
+    """Holds one weight [N, K]; dense weights are Parameters (so training can use them),
+    quantized ones are buffers (their planes move with .to(device))."""
+
+    def __init__(self, weight: "torch.Tensor | QuantWeight"):
+        super().__init__()
+        if isinstance(weight, QuantWeight):
+            self.qtype = weight.qtype
+            self.shape = weight.shape
+            self.register_buffer("qs", weight.qs)
+            self.register_buffer("scale", weight.scale)
+            self.register_buffer("qmin", weight.min)
+            self.weight = None
+        else:
+            self.qtype = None
+            self.shape = tuple(weight.shape)
+            self.weight = nn.Parameter(weight, requires_grad=False)
+
+    @property
+    def value(self) -> "torch.Tensor | QuantWeight":
+        if self.qtype is None:
+            return self.weight
+        return QuantWeight(self.qtype, self.shape, self.qs, self.scale, self.qmin)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, type={self.qtype or self.weight.dtype}"

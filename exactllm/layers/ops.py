@@ -1,0 +1,93 @@
+"""Picks the kernel for each op from (device, numerics mode): the one place where that choice is made.
+
+- CPU, fast: plain torch (MKL matmul, SDPA).
+- CPU, batch_invariant / tp_invariant: the fixed-binary-tree ops of kernels/tree.py, exact by
+  construction (elementwise products and pairwise adds in one fixed order).
+- CUDA: Triton kernels (fixed tiles in the invariant modes, TBIK tree matmul in tp_invariant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exactllm.kernels import activation, attention, matmul, rmsnorm, rope
+from exactllm.layers.parallel import TPContext
+from exactllm.numerics import Numerics
+
+
+@dataclass(frozen=True)
+class Ops:
+    device_type: str
+    numerics: Numerics
+
+    @property
+    def _exact_cpu(self) -> bool:
+        return self.device_type == "cpu" and self.numerics.invariant
+
+    def linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
+        if self._exact_cpu:
+            from exactllm.kernels.tree import tree_matmul
+            return tree_matmul(x, w, out_dtype=x.dtype)
+        return matmul.linear_ref(x, w)
+
+    def row_parallel_linear(self, x: torch.Tensor, w, tp: TPContext) -> torch.Tensor:
+        """Linear whose K is split over the TP ranks; combines the ranks' partial sums."""
+        if tp.world == 1:
+            return self.linear(x, w)
+        if self.numerics.tree:
+            from exactllm.distributed.tp import tree_allreduce
+            from exactllm.kernels.tree import tree_matmul_partial
+            return tree_allreduce(tree_matmul_partial(x, w), tp.group).to(x.dtype)
+        if self._exact_cpu:
+            from exactllm.kernels.tree import tree_matmul
+            return tp.all_reduce(tree_matmul(x, w, out_dtype=torch.float32)).to(x.dtype)
+        return tp.all_reduce(matmul.linear_ref(x, w).float()).to(x.dtype)
+
+    def rmsnorm(self, x, weight, eps, residual=None):
+        if self._exact_cpu:
+            from exactllm.kernels.tree import rmsnorm_tree
+            if residual is not None:
+                x = x + residual
+                return rmsnorm_tree(x, weight, eps), x
+            return rmsnorm_tree(x, weight, eps)
+        return rmsnorm.rmsnorm_ref(x, weight, eps, residual)
+
+    def rope(self, x, positions, cos, sin):
+        return rope.apply_rope_ref(x, positions, cos, sin)
+
+    def silu_mul(self, gate, up):
+        return activation.silu_mul_ref(gate, up)
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        attention.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+        if self._exact_cpu:
+            return self._attention_tree(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+        return attention.paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+    def _attention_tree(self, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+        from exactllm.kernels.tree import attention_tree
+        out = torch.empty_like(q)
+        cu = cu_seqlens_q.tolist()
+        for s, length in enumerate(context_lens.tolist()):
+            n_q = cu[s + 1] - cu[s]
+            k = attention.gather_context(k_cache, block_tables[s], length)
+            v = attention.gather_context(v_cache, block_tables[s], length)
+            q_pos = torch.arange(length - n_q, length, device=q.device)
+            out[cu[s]:cu[s + 1]] = attention_tree(q[cu[s]:cu[s + 1]], k, v, q_pos, scale,
+                                                  kv_split=self.numerics.kv_split).to(q.dtype)
+        return out
+
+    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 log-probabilities over the last dim."""
+        if self._exact_cpu:
+            from exactllm.kernels.tree import log_softmax_tree
+            return log_softmax_tree(logits.float())
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def make_ops(device: "str | torch.device", numerics: Numerics) -> Ops:
+    return Ops(torch.device(device).type, numerics)

@@ -1,0 +1,87 @@
+"""The offline API: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence as Seq
+
+from exactllm.config import EngineConfig, parse_dtype
+from exactllm.engine.llm_engine import LLMEngine, RequestOutput
+from exactllm.models.loader import resolve_model
+from exactllm.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model and generate from it.
+
+    model: None (the embedded SmolLM2-135M-Instruct), a .gguf path, or "random:<preset>[?quant=q4_0&seed=N]".
+    numerics: "fast" | "batch_invariant" | "tp_invariant" (see exactllm.numerics).
+    """
+
+    def __init__(self, model: str | None = None, device: str = "cpu", dtype=None, seed: int = 0,
+                 numerics: str = "fast", tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 4096, block_size: int = 16, num_kv_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None):
+        from exactllm.numerics import resolve
+        resolve(numerics)  # validate early
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        torch_dtype = parse_dtype(dtype, device)
+        source = resolve_model(model, torch_dtype)
+        if max_model_len:
+            source.config = source.config.__class__(**{**source.config.__dict__, "max_context": max_model_len})
+        cfg = EngineConfig(device=device, dtype=torch_dtype, numerics=numerics, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                           num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, seed=seed)
+        executor = None
+        if tensor_parallel_size > 1:
+            from exactllm.engine.tp_executor import TPExecutor
+            executor = TPExecutor(source, cfg)
+        self.engine = LLMEngine(source, cfg, executor)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: "str | list[int] | Seq[str | list[int]]",
+                 sampling_params: "SamplingParams | Seq[SamplingParams] | None" = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (continuous batching); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(seqs), desc="generate", unit="req", dynamic_ncols=True)
+        done = 0
+        while self.engine.has_work():
+            self.engine.step()
+            if bar is not None:
+                now = sum(s.finished for s in seqs)
+                bar.update(now - done)
+                done = now
+        if bar is not None:
+            bar.close()
+        return [self.engine.output(s) for s in seqs]
+
+    def stream(self, prompt: "str | list[int]", sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one completion as tokens arrive (never splitting a UTF-8 character)."""
+        seq = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        detok = self.tokenizer.stream()
+        emitted = 0
+        while not seq.finished:
+            self.engine.step()
+            for token in seq.output_token_ids[emitted:]:
+                piece = detok.push(token)
+                if piece:
+                    yield piece
+            emitted = len(seq.output_token_ids)
+        tail = detok.flush()
+        if tail:
+            yield tail
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> RequestOutput:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate([prompt], sampling_params, use_tqdm=use_tqdm)[0]
