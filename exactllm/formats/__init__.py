@@ -1,0 +1,1 @@
+"""File formats: GGUF block quantization (quant.py) and model file readers."""
