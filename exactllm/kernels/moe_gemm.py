@@ -1,0 +1,253 @@
+"""Grouped expert GEMM for MoE layers: BF16, and FP8 e4m3 with scales.
+
+Layout: the rows of ``a`` [M, K] are sorted by expert; ``offsets`` [E+1] (int64) gives each
+expert's row range (rows offsets[e]:offsets[e+1] use expert e). ``w`` [E, N, K] holds the
+experts' weights in nn.Linear layout (output rows, K contiguous), so out = a_e @ w[e].T.
+
+FP8 path: ``a`` is float8_e4m3fn with one fp32 scale per row (per token), ``w`` is
+float8_e4m3fn with one fp32 scale per output channel ([E, N]); out = (a_q @ w_q.T) * sa * sw,
+accumulated in fp32 on Hopper's FP8 tensor cores.
+
+Every output row depends only on its own input row, the expert's weights and a fixed K tiling
+chosen from (N, K) alone, so the kernel is batch invariant by construction: the same token gives
+the same bits whatever else was routed to its expert.
+
+Each Triton kernel has a plain-torch reference with the same signature (``*_ref``).
+CPU tests run the kernels under TRITON_INTERPRET=1; note that the Triton 3.9 interpreter
+computes bf16 ``tl.dot`` wrongly, so CPU tests exercise the 16-bit path with fp16.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs may lack triton: the torch references still work.
+    triton = None
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------- references
+
+def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 e4m3 quantization of the last dim: q = x / s, s = amax(|row|) / 448."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_min(_EPS) / FP8_MAX
+    q = (xf / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def grouped_gemm_ref(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None):
+    """out[rows of e] = (a[rows] * a_scale) @ (w[e] * w_scale[e]).T, in fp32, cast to out_dtype."""
+    out_dtype = out_dtype or (a.dtype if a.dtype != FP8 else torch.bfloat16)
+    M, N = a.shape[0], w.shape[1]
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    bounds = offsets.tolist()
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        ae = a[lo:hi].float()
+        if a_scale is not None:
+            ae = ae * a_scale[lo:hi, None]
+        we = w[e].float()
+        if w_scale is not None:
+            we = we * w_scale[e][:, None]
+        out[lo:hi] = (ae @ we.T).to(out_dtype)
+    return out
+
+
+def silu_mul_ref(h: torch.Tensor, quant: bool = False):
+    """SwiGLU on h = [gate | up] ([M, 2F]): silu(gate) * up, computed in fp32.
+
+    quant=False returns h.dtype [M, F]; quant=True returns (fp8 [M, F], per-row scale [M])."""
+    g, u = h.float().chunk(2, dim=-1)
+    y = F.silu(g) * u
+    if quant:
+        return quantize_rows_fp8_ref(y)
+    return y.to(h.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, offsets_ptr, tile_expert_ptr, tile_first_ptr,
+                             a_scale_ptr, w_scale_ptr, N, K, E,
+                             stride_am, stride_we, stride_wn, stride_om,
+                             SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # Axis 0 walks N blocks so that the programs sharing one A tile run together and the
+        # expert's weights stay in L2 across its M tiles.
+        pid_n = tl.program_id(0)
+        tile = tl.program_id(1)
+        e = tl.load(tile_expert_ptr + tile)
+        if e >= E:  # the grid is an upper bound on the tile count (no host sync)
+            return
+        row0 = tl.load(offsets_ptr + e) + (tile - tl.load(tile_first_ptr + e)) * BLOCK_M
+        row_end = tl.load(offsets_ptr + e + 1)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < row_end
+        n_ok = rn < N
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if SCALED:
+            sa = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)
+            sw = tl.load(w_scale_ptr + e * N + rn, mask=n_ok, other=0.0)
+            acc = acc * sa[:, None] * sw[None, :]
+        o_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _round_e4m3(x):
+        """Round fp32 to 3 mantissa bits, nearest-even, with integer ops, so that the cast to
+        e4m3 that follows is exact for normal values. The Triton 3.9 interpreter's own cast drops
+        the carry into the exponent (126.2 -> 64; triton-lang/triton PR #11897); this keeps CPU
+        tests and GPU on one rounding."""
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k = tl.arange(0, BLOCK_K)
+        ok = (r[:, None] < R) & (k[None, :] < K)
+        x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + k[None, :], mask=ok, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0
+        q = _round_e4m3(tl.clamp(x / s[:, None], -448.0, 448.0))
+        tl.store(q_ptr + r[:, None].to(tl.int64) * stride_q + k[None, :], q.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(s_ptr + r, s, mask=r < R)
+
+    @triton.jit
+    def _silu_mul_kernel(h_ptr, y_ptr, s_ptr, M, Fdim, stride_h, stride_y,
+                         QUANT: tl.constexpr, BLOCK_F: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        f = tl.arange(0, BLOCK_F)
+        ok = f < Fdim
+        g = tl.load(h_ptr + r * stride_h + f, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + r * stride_h + Fdim + f, mask=ok, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        if QUANT:
+            s = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+            y = _round_e4m3(tl.clamp(y / s, -448.0, 448.0))
+            tl.store(s_ptr + r, s)
+        tl.store(y_ptr + r * stride_y + f, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _gemm_config(N: int, K: int, fp8: bool) -> dict:
+    """Tile shape from (N, K) only (never from M: keeps the kernel batch invariant)."""
+    if _interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    if fp8:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+
+
+def tile_map(offsets: torch.Tensor, block_m: int, max_tiles: int):
+    """Per-tile expert id (E past the last tile) and each expert's first tile, without host sync."""
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    t = torch.arange(max_tiles, device=offsets.device, dtype=tile_end.dtype)
+    tile_expert = torch.searchsorted(tile_end, t, right=True).to(torch.int32)
+    return tile_expert, (tile_end - tiles).to(torch.int32)
+
+
+def grouped_gemm(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None):
+    """Triton grouped GEMM; same signature and meaning as :func:`grouped_gemm_ref`."""
+    fp8 = a.dtype == FP8
+    assert (a_scale is None) == (w_scale is None), "scales come in pairs"
+    assert a.stride(-1) == 1 and w.stride(-1) == 1
+    out_dtype = out_dtype or (a.dtype if not fp8 else torch.bfloat16)
+    M, K = a.shape
+    E, N, _ = w.shape
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0:
+        return out
+    cfg = _gemm_config(N, K, fp8)
+    bm = cfg["BLOCK_M"]
+    max_tiles = triton.cdiv(M, bm) + E
+    tile_expert, tile_first = tile_map(offsets, bm, max_tiles)
+    scaled = a_scale is not None
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), max_tiles)
+    _grouped_gemm_kernel[grid](
+        a, w, out, offsets, tile_expert, tile_first,
+        a_scale if scaled else a, w_scale if scaled else a, N, K, E,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), SCALED=scaled, **cfg)
+    return out
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`quantize_rows_fp8_ref` (one pass: read row, amax, write fp8)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    R = x2.shape[0]
+    q = torch.empty(R, K, dtype=FP8, device=x.device)
+    s = torch.empty(R, dtype=torch.float32, device=x.device)
+    block_k = triton.next_power_of_2(K)
+    block_r = max(1, min(16, 8192 // block_k))
+    _quant_rows_kernel[(triton.cdiv(R, block_r),)](x2, q, s, R, K, x2.stride(0), q.stride(0),
+                                                   BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+    return q.view(x.shape), s.view(x.shape[:-1])
+
+
+def silu_mul(h: torch.Tensor, quant: bool = False):
+    """Triton version of :func:`silu_mul_ref` (fused SwiGLU, optionally fused FP8 quantization)."""
+    M, F2 = h.shape
+    Fd = F2 // 2
+    y = torch.empty(M, Fd, dtype=FP8 if quant else h.dtype, device=h.device)
+    s = torch.empty(M, dtype=torch.float32, device=h.device) if quant else y
+    if M:
+        _silu_mul_kernel[(M,)](h, y, s, M, Fd, h.stride(0), y.stride(0), QUANT=quant,
+                               BLOCK_F=triton.next_power_of_2(Fd), num_warps=4)
+    return (y, s) if quant else y
+
+
+# ----------------------------------------------------------------------------- expert FFN
+
+def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "torch"):
+    """SwiGLU experts over expert-sorted rows: w2_e(silu(x W1_e) * (x W3_e)).
+
+    ``w13`` is [E, 2F, H] (gate rows then up rows), ``w2`` [E, H, F]. For precision="fp8" the
+    weights are pairs (fp8 tensor, per-channel scale) and activations are quantized per token.
+    """
+    gemm = grouped_gemm if backend == "triton" else grouped_gemm_ref
+    act = silu_mul if backend == "triton" else silu_mul_ref
+    quant = quantize_rows_fp8 if backend == "triton" else quantize_rows_fp8_ref
+    if precision == "fp8":
+        (w13q, w13s), (w2q, w2s) = w13, w2
+        xq, xs = quant(x)
+        h = gemm(xq, w13q, offsets, xs, w13s, out_dtype=x.dtype)
+        hq, hs = act(h, quant=True)
+        return gemm(hq, w2q, offsets, hs, w2s, out_dtype=x.dtype)
+    h = gemm(x, w13, offsets)
+    return gemm(act(h), w2, offsets)
+
+
+def quantize_expert_weights(w: torch.Tensor, backend: str = "torch"):
+    """BF16 [E, N, K] -> (fp8 [E, N, K], per-output-channel scale [E, N])."""
+    return (quantize_rows_fp8 if backend == "triton" else quantize_rows_fp8_ref)(w)
