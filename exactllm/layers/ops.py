@@ -37,9 +37,8 @@ class Ops:
         if tp.world == 1:
             return self.linear(x, w)
         if self.numerics.tree:
-            from exactllm.distributed.tp import tree_allreduce
             from exactllm.kernels.tree import tree_matmul_partial
-            return tree_allreduce(tree_matmul_partial(x, w), tp.group).to(x.dtype)
+            return tp.tree_allreduce(tree_matmul_partial(x, w, tp.world)).to(x.dtype)
         if self._exact_cpu:
             from exactllm.kernels.tree import tree_matmul
             return tp.all_reduce(tree_matmul(x, w, out_dtype=torch.float32)).to(x.dtype)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from exactllm.distributed import tp
+
 
 @dataclass(frozen=True)
 class TPContext:
@@ -17,19 +19,14 @@ class TPContext:
     group: Any = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-        dist.all_reduce(x, group=self.group)
-        return x
+        return x if self.world == 1 else tp.all_reduce(x, self.group)
 
     def all_gather_cat(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        return x if self.world == 1 else tp.all_gather_cat(x, dim, self.group)
+
+    def tree_allreduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Combine the ranks' TBIK subtree roots in fixed order (bit-identical to TP=1)."""
+        return partial if self.world == 1 else tp.tree_allreduce(partial, self.group)
 
     def shard_range(self, size: int) -> tuple[int, int]:
         """This rank's contiguous [start, end) of a dimension of ``size`` split evenly."""
