@@ -56,10 +56,14 @@ _PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {
     "default": ([r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"], False),
 }
 
-# Token texts that end a generation when present (llama.cpp treats the same
-# family of end-of-turn markers as end-of-generation).
+# Token texts that end a generation when present. llama.cpp treats the same
+# end-of-turn markers, and the fill-in-the-middle pad/repo/file-separator
+# markers, as end-of-generation; we follow it so generations stop alike.
 _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-              "<|eom_id|>", "<|end_of_text|>", "</s>", "<eos>")
+              "<|eom_id|>", "<|end_of_text|>", "</s>", "<eos>",
+              "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
+              "<reponame>", "<|file_sep|>")
+_EOG_KEYS = ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")
 
 DEFAULT_CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -145,8 +149,7 @@ class Tokenizer:
 
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        eog = {i for i in (eos, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id"))
-               if i is not None}
+        eog = {meta[f"tokenizer.ggml.{k}_token_id"] for k in _EOG_KEYS if f"tokenizer.ggml.{k}_token_id" in meta}
         eog |= {vocab[t] for t in _EOG_TEXTS if t in vocab}
         return cls(hf, kind=kind, tokens=tokens, token_types=types,
                    bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos),
@@ -197,7 +200,14 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- decode
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+        """Text of `ids`: their bytes joined, decoded as UTF-8 (invalid bytes -> U+FFFD).
+
+        Done from token bytes rather than by the HF decoder so that it equals
+        the streaming output exactly, broken UTF-8 included (HF's byte-fallback
+        decoder replaces each invalid byte separately, Python per maximal run).
+        """
+        sd = self.stream(skip_special)
+        return "".join(sd.push(i) for i in ids) + sd.flush()
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (special tokens: their text)."""
@@ -234,7 +244,8 @@ class StreamDecoder:
 
     Token bytes go through an incremental UTF-8 decoder, so a character split
     across tokens is emitted only once complete; "".join(deltas) + flush()
-    equals Tokenizer.decode(ids).
+    is Tokenizer.decode(ids). A SentencePiece space prefix is stripped from
+    the start of the text, as the model's encoder added it.
     """
 
     def __init__(self, tok: Tokenizer, skip_special: bool = True):
