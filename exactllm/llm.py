@@ -3,10 +3,45 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence as Seq
 
+import torch
+
 from exactllm.config import EngineConfig, parse_dtype
 from exactllm.engine.llm_engine import LLMEngine, RequestOutput
+from exactllm.layers.parallel import TPContext
 from exactllm.models.loader import resolve_model
+from exactllm.numerics import resolve
 from exactllm.sampling_params import SamplingParams
+
+
+def run_generate(engine: LLMEngine, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    """Submit every prompt, step the engine until all finish; outputs in prompt order."""
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    bar = None
+    if use_tqdm:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(seqs), desc="generate", unit="req", dynamic_ncols=True)
+    done = 0
+    while engine.has_work():
+        engine.step()
+        if bar is not None:
+            now = sum(s.finished for s in seqs)
+            bar.update(now - done)
+            done = now
+    if bar is not None:
+        bar.close()
+    return [engine.output(s) for s in seqs]
+
+
+def _generate_on_rank(rank: int, world: int, model_name: str, model_config, cfg: EngineConfig,
+                      prompts: list, params: list, use_tqdm: bool) -> list[RequestOutput]:
+    """One tensor-parallel rank: loads the model and runs the whole engine loop over this
+    rank's shard (SPMD)."""
+    import torch.distributed as dist
+    source = resolve_model(model_name, cfg.dtype)
+    source.config = model_config
+    device = f"cuda:{torch.cuda.current_device()}" if cfg.device.startswith("cuda") else cfg.device
+    engine = LLMEngine(source, cfg.with_(device=device), TPContext(rank, world, dist.group.WORLD))
+    return run_generate(engine, prompts, params, use_tqdm and rank == 0)
 
 
 class LLM:
@@ -14,16 +49,16 @@ class LLM:
 
     model: None (the embedded SmolLM2-135M-Instruct), a .gguf path, or "random:<preset>[?quant=q4_0&seed=N]".
     numerics: "fast" | "batch_invariant" | "tp_invariant" (see exactllm.numerics).
+    tensor_parallel_size: N > 1 runs N ranks (gloo on CPU, NCCL on GPUs) for each generate() call.
     """
 
     def __init__(self, model: str | None = None, device: str = "cpu", dtype=None, seed: int = 0,
                  numerics: str = "fast", tensor_parallel_size: int = 1, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, block_size: int = 16, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None):
-        from exactllm.numerics import resolve
         resolve(numerics)  # validate early
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if tensor_parallel_size < 1 or tensor_parallel_size & (tensor_parallel_size - 1):
+            raise ValueError(f"tensor_parallel_size must be a power of two >= 1, got {tensor_parallel_size}")
         torch_dtype = parse_dtype(dtype, device)
         source = resolve_model(model, torch_dtype)
         if max_model_len:
@@ -32,12 +67,15 @@ class LLM:
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
                            tensor_parallel_size=tensor_parallel_size, seed=seed)
-        executor = None
-        if tensor_parallel_size > 1:
-            from exactllm.engine.tp_executor import TPExecutor
-            executor = TPExecutor(source, cfg)
-        self.engine = LLMEngine(source, cfg, executor)
-        self.tokenizer = self.engine.tokenizer
+        cfg_model = source.config
+        if cfg_model.n_heads % tensor_parallel_size or cfg_model.n_kv_heads % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the attention heads "
+                             f"({cfg_model.n_heads} query, {cfg_model.n_kv_heads} key/value)")
+        self.source, self.config = source, cfg
+        self.tokenizer = source.tokenizer
+        # With tensor parallelism every rank runs the whole engine loop on its shard (SPMD), in
+        # worker processes started per generate() call; without it the engine lives here.
+        self.engine = LLMEngine(source, cfg) if tensor_parallel_size == 1 else None
 
     def generate(self, prompts: "str | list[int] | Seq[str | list[int]]",
                  sampling_params: "SamplingParams | Seq[SamplingParams] | None" = None,
@@ -49,24 +87,18 @@ class LLM:
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(seqs), desc="generate", unit="req", dynamic_ncols=True)
-        done = 0
-        while self.engine.has_work():
-            self.engine.step()
-            if bar is not None:
-                now = sum(s.finished for s in seqs)
-                bar.update(now - done)
-                done = now
-        if bar is not None:
-            bar.close()
-        return [self.engine.output(s) for s in seqs]
+        if self.engine is None:
+            from exactllm.distributed.launch import launch
+            return launch(_generate_on_rank, self.config.tensor_parallel_size,
+                          args=(self.source.name, self.source.config, self.config, list(prompts), params, use_tqdm),
+                          device=torch.device(self.config.device).type)[0]
+        return run_generate(self.engine, list(prompts), params, use_tqdm)
 
     def stream(self, prompt: "str | list[int]", sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one completion as tokens arrive (never splitting a UTF-8 character)."""
+        if self.engine is None:
+            yield self.generate([prompt], sampling_params, use_tqdm=False)[0].text
+            return
         seq = self.engine.add_request(prompt, sampling_params or SamplingParams())
         detok = self.tokenizer.stream()
         emitted = 0

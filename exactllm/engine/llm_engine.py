@@ -66,17 +66,15 @@ def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class LLMEngine:
-    def __init__(self, source: ModelSource, cfg: EngineConfig, executor=None):
-        self.source, self.cfg = source, cfg
+    def __init__(self, source: ModelSource, cfg: EngineConfig, tp: TPContext = TPContext()):
+        self.source, self.cfg, self.tp = source, cfg, tp
         self.tokenizer = source.tokenizer
         self.model_config = source.config
         self.max_model_len = source.config.max_context
         blocks = num_kv_blocks(source, cfg, cfg.tensor_parallel_size)
-        if executor is None:
-            model = build_model(source, cfg)
-            kv = model.allocate_kv(blocks, cfg.block_size, cfg.dtype, cfg.device)
-            executor = ModelRunner(model, kv, cfg.device, cfg.block_size)
-        self.runner = executor
+        model = build_model(source, cfg, tp)
+        kv = model.allocate_kv(blocks, cfg.block_size, cfg.dtype, cfg.device)
+        self.runner = ModelRunner(model, kv, cfg.device, cfg.block_size)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self._ids = itertools.count()
@@ -127,6 +125,8 @@ class LLMEngine:
                 raise RuntimeError("the KV cache is too small to make progress on any request")
             return []
         results = self.runner.step(chunks, self._randoms)
+        if self.tp.world > 1:  # every rank runs this loop; all follow rank 0's tokens
+            results = self._follow_rank0(results)
         for ch in chunks:
             ch.seq.num_computed = ch.start + ch.length
             self.block_manager.commit_full_blocks(ch.seq)
@@ -137,6 +137,12 @@ class LLMEngine:
             self.stats["generation_tokens"] += 1
             self._check_finished(seq, token)
         return [seq for seq, _, _ in results]
+
+    def _follow_rank0(self, results: list[tuple]) -> list[tuple]:
+        import torch.distributed as dist
+        picked = [[(tok, lp) for _, tok, lp in results]]
+        dist.broadcast_object_list(picked, src=0, group=self.tp.group)
+        return [(seq, tok, lp) for (seq, _, _), (tok, lp) in zip(results, picked[0])]
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params

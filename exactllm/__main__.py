@@ -1,0 +1,5 @@
+import sys
+
+from exactllm.cli import main
+
+sys.exit(main())
