@@ -66,11 +66,13 @@ def tree_sum(x: torch.Tensor, dim: int = -1, pieces: int = 1) -> torch.Tensor:
 def combine_partials(partials) -> torch.Tensor:
     """Finish the top levels of the tree: partials[r] is rank r's subtree root (a list or a
     tensor stacked on dim 0, length a power of two), combined pairwise in rank order."""
-    if isinstance(partials, torch.Tensor):
-        partials = list(partials.unbind(0))
     n = len(partials)
     if n == 0 or n & (n - 1):
         raise ValueError(f"the number of partials must be a power of two, got {n}")
+    if isinstance(partials, torch.Tensor):
+        while partials.shape[0] > 1:     # one add per level; the same adds as the list form
+            partials = partials[0::2] + partials[1::2]
+        return partials[0]
     while len(partials) > 1:
         partials = [partials[i] + partials[i + 1] for i in range(0, len(partials), 2)]
     return partials[0]
