@@ -127,9 +127,12 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)
 
+        # Without tokenizer.ggml.add_bos_token, llama.cpp adds BOS for SentencePiece
+        # and llama3-family vocabularies only.
         if kind == "gpt2":
             hf = _build_bpe(meta, tokens, vocab)
-            add_bos_default, add_space_prefix = meta.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3", "llama-v3"), False
+            add_bos_default = meta.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3", "llama-v3")
+            add_space_prefix = False
         elif kind == "llama":
             add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             hf = _build_spm(meta, tokens, types, vocab, add_space_prefix)

@@ -42,7 +42,7 @@ CASES = [(name, i) for name, v in VOCABS.items() for i in range(len(v["cases"]))
 
 
 def test_golden_covers_brief():
-    assert set(VOCABS) >= {"smollm2", "llama-spm-3k", "llama-bpe-3k", "gpt2-3k", "gpt2-default-3k"}
+    assert set(VOCABS) >= {"smollm2", "llama-spm-3k", "llama-spm-3k-noprefix", "llama-bpe-3k", "gpt2-3k", "gpt2-default-3k"}
     assert all(len(v["cases"]) >= 30 for v in VOCABS.values())
 
 

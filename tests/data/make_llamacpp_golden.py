@@ -13,7 +13,8 @@ Outputs (all under tests/data/):
 tokenizer_golden.json
     {"llama_cpp_python": str, "llama_cpp": str,
      "vocabs": [{
-        "name": str,                  # "smollm2" | "llama-spm-3k" | "llama-bpe-3k" | "gpt2-3k" | "gpt2-default-3k"
+        "name": str,                  # "smollm2" | "llama-spm-3k" | "llama-spm-3k-noprefix" | "llama-bpe-3k"
+                                      # | "gpt2-3k" | "gpt2-default-3k"
         "source": "default-model"     # token metadata: read the default model's GGUF
                 | "metadata",         # or: given inline below
         "metadata": {gguf key: value} # only for source == "metadata": a vocabulary cut down from
@@ -262,6 +263,7 @@ def make_tokenizer_golden(vocab_dir: str | None) -> dict:
         bpe = _read_meta(os.path.join(vocab_dir, "ggml-vocab-llama-bpe.gguf"))
         gpt2 = _read_meta(os.path.join(vocab_dir, "ggml-vocab-gpt-2.gguf"))
         cut = [("llama-spm-3k", cut_spm(spm, 3000)),
+               ("llama-spm-3k-noprefix", {**cut_spm(spm, 3000), "tokenizer.ggml.add_space_prefix": False}),
                ("llama-bpe-3k", cut_bpe(bpe, 3000, "llama-bpe")),
                ("gpt2-3k", cut_bpe(gpt2, 3000, "gpt-2")),
                ("gpt2-default-3k", cut_bpe(gpt2, 3000, "default"))]
