@@ -205,3 +205,20 @@ def test_expert_parallel_matches_single_process(world):
     # Rank 0 is hot and vision-dominated here, so ReaLB runs it in FP8, and only it.
     assert res[0]["realb_decision"] == [True] + [False] * (world - 1)
     assert 1e-3 < rel(cat("realb"), ref) < FP8_BOUND
+
+
+def test_expert_ffn_gather_scatter_rows():
+    """rows=perm: the GEMMs gather unsorted input rows and scatter outputs back to them."""
+    H, Fd = 32, 48
+    off = _offsets(COUNTS)
+    M = int(off[-1])
+    x = torch.randn(M, H).half()
+    perm = torch.randperm(M)
+    w13, w2 = _experts(len(COUNTS), H, Fd, torch.half)
+    want = torch.empty(M, H, dtype=torch.half)
+    want[perm] = mg.expert_ffn(x[perm], off, w13, w2)
+    for backend in ("torch", "triton"):
+        assert rel(mg.expert_ffn(x, off, w13, w2, backend=backend, rows=perm), want) < 5e-3
+    fp8 = [mg.quantize_expert_weights(w) for w in (w13, w2)]
+    want[perm] = mg.expert_ffn(x[perm], off, *fp8, precision="fp8")
+    assert rel(mg.expert_ffn(x, off, *fp8, precision="fp8", backend="triton", rows=perm), want) < 5e-3

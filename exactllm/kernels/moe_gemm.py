@@ -44,9 +44,15 @@ def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def grouped_gemm_ref(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None):
-    """out[rows of e] = (a[rows] * a_scale) @ (w[e] * w_scale[e]).T, in fp32, cast to out_dtype."""
+def grouped_gemm_ref(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None, a_rows=None, out_rows=None):
+    """out[rows of e] = (a[rows] * a_scale) @ (w[e] * w_scale[e]).T, in fp32, cast to out_dtype.
+
+    ``a_rows`` (gather): expert-sorted row i reads a[a_rows[i]] (and its scale); ``out_rows``
+    (scatter): it is written to out[out_rows[i]]. They spare a separate permutation pass."""
     out_dtype = out_dtype or (a.dtype if a.dtype != FP8 else torch.bfloat16)
+    if a_rows is not None:
+        a = a[a_rows]
+        a_scale = a_scale[a_rows] if a_scale is not None else None
     M, N = a.shape[0], w.shape[1]
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     bounds = offsets.tolist()
@@ -61,6 +67,8 @@ def grouped_gemm_ref(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None):
         if w_scale is not None:
             we = we * w_scale[e][:, None]
         out[lo:hi] = (ae @ we.T).to(out_dtype)
+    if out_rows is not None:
+        out = torch.empty_like(out).index_copy_(0, out_rows, out)
     return out
 
 
@@ -85,10 +93,10 @@ if triton is not None:
 
     @triton.jit
     def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, offsets_ptr, tile_expert_ptr, tile_first_ptr,
-                             a_scale_ptr, w_scale_ptr, N, K, E,
+                             a_scale_ptr, w_scale_ptr, a_rows_ptr, out_rows_ptr, N, K, E,
                              stride_am, stride_we, stride_wn, stride_om,
-                             SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             SCALED: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Axis 0 walks N blocks so that the programs sharing one A tile run together and the
         # expert's weights stay in L2 across its M tiles.
         pid_n = tl.program_id(0)
@@ -103,7 +111,9 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < row_end
         n_ok = rn < N
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+        ra = tl.load(a_rows_ptr + rm, mask=m_ok, other=0) if GATHER else rm
+        ro = tl.load(out_rows_ptr + rm, mask=m_ok, other=0) if SCATTER else rm
+        a_ptrs = a_ptr + ra[:, None].to(tl.int64) * stride_am + rk[None, :]
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -114,10 +124,10 @@ if triton is not None:
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if SCALED:
-            sa = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)
+            sa = tl.load(a_scale_ptr + ra, mask=m_ok, other=0.0)
             sw = tl.load(w_scale_ptr + e * N + rn, mask=n_ok, other=0.0)
             acc = acc * sa[:, None] * sw[None, :]
-        o_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        o_ptrs = out_ptr + ro[:, None].to(tl.int64) * stride_om + rn[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
@@ -177,7 +187,7 @@ def tile_map(offsets: torch.Tensor, block_m: int, max_tiles: int):
     return tile_expert, (tile_end - tiles).to(torch.int32)
 
 
-def grouped_gemm(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None):
+def grouped_gemm(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None, a_rows=None, out_rows=None):
     """Triton grouped GEMM; same signature and meaning as :func:`grouped_gemm_ref`."""
     fp8 = a.dtype == FP8
     assert (a_scale is None) == (w_scale is None), "scales come in pairs"
@@ -196,8 +206,10 @@ def grouped_gemm(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None):
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), max_tiles)
     _grouped_gemm_kernel[grid](
         a, w, out, offsets, tile_expert, tile_first,
-        a_scale if scaled else a, w_scale if scaled else a, N, K, E,
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0), SCALED=scaled, **cfg)
+        a_scale if scaled else a, w_scale if scaled else a,
+        a_rows if a_rows is not None else offsets, out_rows if out_rows is not None else offsets, N, K, E,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), SCALED=scaled,
+        GATHER=a_rows is not None, SCATTER=out_rows is not None, **cfg)
     return out
 
 
@@ -229,8 +241,11 @@ def silu_mul(h: torch.Tensor, quant: bool = False):
 
 # ----------------------------------------------------------------------------- expert FFN
 
-def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "torch"):
+def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "torch", rows=None):
     """SwiGLU experts over expert-sorted rows: w2_e(silu(x W1_e) * (x W3_e)).
+
+    With ``rows``, x is not sorted: expert-sorted row i is x[rows[i]], and the output comes back
+    in x's row order (the first GEMM gathers, the second scatters).
 
     ``w13`` is [E, 2F, H] (gate rows then up rows), ``w2`` [E, H, F]. For precision="fp8" the
     weights are pairs (fp8 tensor, per-channel scale) and activations are quantized per token.
@@ -241,11 +256,11 @@ def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "tor
     if precision == "fp8":
         (w13q, w13s), (w2q, w2s) = w13, w2
         xq, xs = quant(x)
-        h = gemm(xq, w13q, offsets, xs, w13s, out_dtype=x.dtype)
+        h = gemm(xq, w13q, offsets, xs, w13s, out_dtype=x.dtype, a_rows=rows)
         hq, hs = act(h, quant=True)
-        return gemm(hq, w2q, offsets, hs, w2s, out_dtype=x.dtype)
-    h = gemm(x, w13, offsets)
-    return gemm(act(h), w2, offsets)
+        return gemm(hq, w2q, offsets, hs, w2s, out_dtype=x.dtype, out_rows=rows)
+    h = gemm(x, w13, offsets, a_rows=rows)
+    return gemm(act(h), w2, offsets, out_rows=rows)
 
 
 def quantize_expert_weights(w: torch.Tensor, backend: str = "torch"):

@@ -123,21 +123,22 @@ class MoELayer:
         recv_x = all_to_all(x[order // k], send_splits, recv_splits, self.group)
         self._mark("dispatch")
 
-        perm = torch.argsort(recv_slot, stable=True)
-        xs = recv_x[perm]
+        perm = torch.argsort(recv_slot, stable=True)  # expert-sorted order, gathered in the GEMM
         if low:
             w13, w2 = ReaLB.finish(handle)
-            y = expert_ffn(xs, offsets, w13, w2, "fp8", self.backend)
+            y_recv = expert_ffn(recv_x, offsets, w13, w2, "fp8", self.backend, rows=perm)
         else:
-            y = expert_ffn(xs, offsets, self.w13, self.w2, "bf16", self.backend)
-        y_recv = torch.empty_like(y)
-        y_recv[perm] = y
+            y_recv = expert_ffn(recv_x, offsets, self.w13, self.w2, "bf16", self.backend, rows=perm)
         self._mark("experts")
 
         y_back = all_to_all(y_recv, recv_splits, send_splits, self.group)
-        y_pairs = torch.empty_like(y_back)
-        y_pairs[order] = y_back
-        out = (y_pairs.view(T, k, H).float() * gate.unsqueeze(-1)).sum(1)
+        y_pairs = torch.empty_like(y_back).index_copy_(0, order, y_back)
+        # Weighted sum over the k experts of each token: fixed order, fp32, elementwise (so it is
+        # batch invariant), one fused multiply-add pass per expert slot.
+        yv = y_pairs.view(T, k, H)
+        out = yv[:, 0].float() * gate[:, :1]
+        for j in range(1, k):
+            out.addcmul_(yv[:, j], gate[:, j:j + 1])
         if self.shared is not None:
             out += _swiglu(x, *self.shared).float()
         self._mark("combine")
