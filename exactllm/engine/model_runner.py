@@ -1,6 +1,7 @@
 """Turns a scheduled step into tensors, runs the model, and returns next tokens with log-probs."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,18 @@ def build_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches: list, device, block_size: int):
+    """cuda_graphs: replay captured graphs for pure-decode steps on CUDA (default: on unless the
+    environment sets EXACTLLM_CUDA_GRAPHS=0)."""
+
+    def __init__(self, model, kv_caches: list, device, block_size: int, cuda_graphs: bool | None = None):
         self.model, self.kv_caches = model, kv_caches
         self.device, self.block_size = torch.device(device), block_size
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("EXACTLLM_CUDA_GRAPHS", "1") != "0"
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from exactllm.engine.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(model, kv_caches, self.device, block_size)
 
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
@@ -61,8 +71,11 @@ class ModelRunner:
 
     def step(self, chunks: list[ScheduledChunk], randoms: dict, forward=None) -> list[tuple]:
         """Run one step; returns (seq, token, logprob) for every chunk that reached its end."""
-        inputs = build_inputs(chunks, self.block_size)
-        logits = (forward or self.forward_logits)(inputs)
+        if forward is None and self.graphs is not None and self.graphs.accepts(chunks):
+            logits = self.graphs.run(chunks)
+        else:
+            inputs = build_inputs(chunks, self.block_size)
+            logits = (forward or self.forward_logits)(inputs)
         done = [ch.seq for ch in chunks if ch.completes]
         if not done:
             return []

@@ -3,7 +3,12 @@
 - CPU, fast: plain torch (MKL matmul, SDPA).
 - CPU, batch_invariant / tp_invariant: the fixed-binary-tree ops of kernels/tree.py, exact by
   construction (elementwise products and pairwise adds in one fixed order).
-- CUDA: Triton kernels (fixed tiles in the invariant modes, TBIK tree matmul in tp_invariant).
+- CUDA: Triton kernels (kernels/*_triton.py, imported lazily so CPU-only installs never need
+  triton). fast: cuBLAS for dense linears, M-dependent tiles for quantized ones, unsplit prefill
+  attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
+  with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode alike;
+  RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
+  tp_invariant: linears follow the TBIK tree (kernels/tree.py, torch ops on the GPU).
 """
 from __future__ import annotations
 
@@ -25,11 +30,18 @@ class Ops:
     def _exact_cpu(self) -> bool:
         return self.device_type == "cpu" and self.numerics.invariant
 
+    @property
+    def _cuda(self) -> bool:
+        return self.device_type == "cuda"
+
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
-        if self._exact_cpu:
+        if self._exact_cpu or (self._cuda and self.numerics.tree):
             from exactllm.kernels.tree import tree_matmul
             return tree_matmul(x, w, out_dtype=x.dtype)
+        if self._cuda:
+            from exactllm.kernels import matmul_triton
+            return matmul_triton.linear(x, w, invariant=self.numerics.invariant)
         return matmul.linear_ref(x, w)
 
     def row_parallel_linear(self, x: torch.Tensor, w, tp: TPContext) -> torch.Tensor:
@@ -42,6 +54,8 @@ class Ops:
         if self._exact_cpu:
             from exactllm.kernels.tree import tree_matmul
             return tp.all_reduce(tree_matmul(x, w, out_dtype=torch.float32)).to(x.dtype)
+        if self._cuda:
+            return tp.all_reduce(self.linear(x, w).float()).to(x.dtype)
         return tp.all_reduce(matmul.linear_ref(x, w).float()).to(x.dtype)
 
     def rmsnorm(self, x, weight, eps, residual=None):
@@ -51,20 +65,39 @@ class Ops:
                 x = x + residual
                 return rmsnorm_tree(x, weight, eps), x
             return rmsnorm_tree(x, weight, eps)
+        if self._cuda:
+            from exactllm.kernels import rmsnorm_triton
+            return rmsnorm_triton.rmsnorm(x, weight, eps, residual)
         return rmsnorm.rmsnorm_ref(x, weight, eps, residual)
 
     def rope(self, x, positions, cos, sin):
+        """Returns x rotated (on CUDA in place: x must not be needed unrotated afterwards)."""
+        if self._cuda:
+            from exactllm.kernels import rope_triton
+            return rope_triton.apply_rope(x, positions, cos, sin)
         return rope.apply_rope_ref(x, positions, cos, sin)
 
     def silu_mul(self, gate, up):
+        if self._cuda:
+            from exactllm.kernels import activation_triton
+            return activation_triton.silu_mul(gate, up)
         return activation.silu_mul_ref(gate, up)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        """Store K/V rows at their cache slots; on CUDA negative slots (graph padding) are skipped."""
+        if self._cuda:
+            from exactllm.kernels import attention_triton
+            return attention_triton.write_kv(k, v, k_cache, v_cache, slot_mapping)
         attention.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
     def attention(self, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
         if self._exact_cpu:
             return self._attention_tree(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+        if self._cuda:
+            from exactllm.kernels import attention_triton
+            split = self.numerics.kv_split if self.numerics.invariant else None
+            return attention_triton.paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens,
+                                                    block_tables, scale, kv_split=split)
         return attention.paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
     def _attention_tree(self, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):

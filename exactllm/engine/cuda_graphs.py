@@ -1,0 +1,93 @@
+"""CUDA graphs of pure-decode steps (every sequence adds one token), one per batch-size bucket.
+
+A decode step of a small model is hundreds of short kernel launches; replaying a captured
+graph removes the launch gaps. A step of n sequences runs the graph of the smallest captured
+size B >= n, with rows n..B-1 as padding: token 0 at position 0, context length 0 (attention
+writes zeros) and KV slot -1 (``write_kv`` stores nothing). Every op is row-independent, so
+padding changes no real row's bits.
+
+Inputs go through one pinned host buffer and two copies: ids, positions, context lengths and
+slots as int32 [4, B_max], and the block tables [B_max, max_blocks]. Only the first w columns
+of the tables are written each step; stale columns beyond a sequence's context are never read
+(attention masks its page lookups to the context). Graphs are captured lazily, the first time a
+bucket is needed, after one eager warm-up pass (Triton compilation and GEMV tuning happen there).
+"""
+from __future__ import annotations
+
+import torch
+
+from exactllm.layers.attention import AttnBatch
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list, device: torch.device, block_size: int, buckets=BUCKETS):
+        self.model, self.kv_caches, self.device, self.block_size = model, kv_caches, device, block_size
+        self.buckets = tuple(sorted(buckets))
+        self.max_batch = self.buckets[-1]
+        self.max_blocks = -(-model.cfg.max_context // block_size)
+        i32 = torch.int32
+        self.host = torch.zeros(4, self.max_batch, dtype=i32, pin_memory=True)
+        self.host_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, pin_memory=True)
+        self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
+        self.dev = torch.zeros(4, self.max_batch, dtype=i32, device=device)
+        self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, device=device)
+        self.cu = torch.arange(self.max_batch + 1, dtype=i32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def accepts(self, chunks) -> bool:
+        return len(chunks) <= self.max_batch and all(ch.length == 1 and ch.completes for ch in chunks)
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _fill(self, chunks, bucket: int) -> None:
+        n = len(chunks)
+        h, tables = self.host_np, self.host_tables_np
+        h[:, n:bucket] = 0
+        h[3, n:bucket] = -1  # padding rows: no KV slot
+        width = 0
+        bs = self.block_size
+        for i, ch in enumerate(chunks):
+            seq, p = ch.seq, ch.start
+            n_prompt = len(seq.prompt_token_ids)
+            table = seq.block_table
+            h[0, i] = seq.prompt_token_ids[p] if p < n_prompt else seq.output_token_ids[p - n_prompt]
+            h[1, i] = p
+            h[3, i] = table[p // bs] * bs + p % bs
+            tables[i, :len(table)] = table
+            width = max(width, len(table))
+        h[2, :n] = h[1, :n] + 1
+        self.dev.copy_(self.host, non_blocking=True)
+        self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        d = self.dev
+        batch = AttnBatch(self.cu[:b + 1], d[2, :b], self.tables[:b], d[3, :b])
+        hidden = self.model(d[0, :b], d[1, :b], batch, self.kv_caches)
+        return self.model.logits(hidden)
+
+    def _capture(self, b: int) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(b)  # warm-up: compiles kernels, tunes GEMV tiles, writes the same KV values
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(b)
+        self.pool = graph.pool()
+        self.graphs[b] = (graph, out)
+
+    @torch.inference_mode()
+    def run(self, chunks) -> torch.Tensor:
+        """float32 logits [len(chunks), vocab] of a pure-decode step."""
+        b = self._bucket(len(chunks))
+        self._fill(chunks, b)
+        if b not in self.graphs:
+            self._capture(b)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:len(chunks)]

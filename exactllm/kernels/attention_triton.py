@@ -1,0 +1,249 @@
+"""Paged flash attention in Triton: one kernel for prefill, chunked prefill and decode.
+
+Layout as ``attention.paged_attention_ref``: packed query rows q [T, Hq, D]; sequence s owns
+rows cu_seqlens_q[s]:cu_seqlens_q[s+1], the last ones of its context of context_lens[s] tokens,
+whose K/V sit in the pages block_tables[s] of k_cache/v_cache [num_blocks, page, Hkv, D].
+
+A program owns one query tile of one sequence and one KV head: BLOCK_Q tokens x GROUP_P query
+heads of that KV head (grouped-query heads share each K/V load), and one KV *split*: the key
+range [split * SPLIT, (split + 1) * SPLIT), walked in BLOCK_N chunks with an online softmax
+(scores in log2 units, exp2). Split partials (unnormalised acc, running max m, sum l) are
+merged by ``_combine_kernel`` one split after another, in split order.
+
+Batch invariance: SPLIT is a number of tokens (not a number of splits) and chunk boundaries
+are absolute key positions, so a query row meets the same chunks in the same order whatever
+tile, batch or step (prefill, chunked prefill, decode) it is in; chunks past the row's own
+position are fully masked, an exact no-op for the online softmax (alpha = 2^0 = 1, p = 0).
+The invariant mode fixes every tile size (``INVARIANT_TILES``) and always merges through
+the combine kernel. Fast mode runs prefill unsplit and picks the decode split from the shapes.
+
+Grid sizes come from tensor shapes only (an upper bound on tiles, found per program by a
+binary search of the per-sequence tile counts; a split bound from the block-table width), so
+the launch never reads device values on the host and can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M query rows, BLOCK_N keys, num_warps) of the invariant mode, for every step kind.
+INVARIANT_TILES = (64, 64, 4)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cslot, stride_ch, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # negative slots are padding rows (CUDA-graph batches): nothing to store
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, HEAD_DIM)
+        mask = (h < n_heads)[:, None]
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        dst = slot * stride_cslot + h[:, None] * stride_ch + d[None, :]
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """As ``attention.write_kv_ref``; rows whose slot is negative are skipped."""
+    t, h, d = k.shape
+    assert k_cache.stride(1) == k_cache.stride(2) * h and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+    if t:
+        _write_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, h, k.stride(0), k.stride(1), v.stride(0),
+                               v.stride(1), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=d,
+                               BLOCK_H=triton.next_power_of_2(h), num_warps=1)
+
+
+@triton.jit
+def _find_seq(cum_ptr, n_seqs, idx, n_iter):
+    """Largest s in [0, n_seqs) with cum[s] <= idx (cum nondecreasing, cum[0] = 0)."""
+    lo = 0
+    hi = n_seqs
+    for _ in range(n_iter):
+        mid = (lo + hi) // 2
+        go = tl.load(cum_ptr + mid) <= idx
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, bt_ptr, tile_cu_ptr,
+                 n_seqs, n_iter, qk_scale, T, HQ,
+                 stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
+                 GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if tile >= tl.load(tile_cu_ptr + n_seqs):
+        return
+    s = _find_seq(tile_cu_ptr, n_seqs, tile, n_iter)
+    q_start = tl.load(cu_q_ptr + s)
+    q_len = tl.load(cu_q_ptr + s + 1) - q_start
+    ctx = tl.load(ctx_ptr + s)
+    t0 = (tile - tl.load(tile_cu_ptr + s)) * BLOCK_Q
+    kv_end = ctx - q_len + tl.minimum(t0 + BLOCK_Q, q_len)  # keys any row of this tile may see
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+    r = tl.arange(0, BLOCK_M)
+    tok = t0 + r // GROUP_P
+    head = kvh * GROUP + r % GROUP_P
+    row_ok = (tok < q_len) & (r % GROUP_P < GROUP)
+    pos = ctx - q_len + tok                   # absolute position of each query row
+    d = tl.arange(0, HEAD_DIM)
+    row = (q_start + tok).to(tl.int64)
+    o_ptrs = o_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    if not SPLIT_OUT:
+        if kv_end <= 0:  # padding rows (no context): zeros, as the combine kernel writes
+            tl.store(o_ptrs, tl.zeros((BLOCK_M, HEAD_DIM), tl.float32).to(o_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+            return
+    lo = split * SPLIT
+    if lo >= kv_end:
+        return
+    hi = tl.minimum(lo + SPLIT, kv_end)
+    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        kin = kpos < hi
+        page = tl.load(bt_row + kpos // PAGE, mask=kin, other=0).to(tl.int64)
+        kv_off = page * stride_kb + (kpos % PAGE) * stride_kt + kvh * stride_kh
+        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = (kpos[None, :] <= pos[:, None]) & kin[None, :]
+        sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(sc - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLIT_OUT:
+        # workspace [n_splits, T, HQ, D] float32 and [n_splits, T, HQ, 2] (m, l)
+        base = (split * T + row) * HQ + head
+        tl.store(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(ml_ptr + base * 2, m_i, mask=row_ok)
+        tl.store(ml_ptr + base * 2 + 1, l_i, mask=row_ok)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(ws_ptr, ml_ptr, o_ptr, cu_q_ptr, ctx_ptr, n_seqs, n_iter, T, HQ, stride_ot, stride_oh,
+                    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
+    """Merge one token's split partials, split 0 first, one split at a time."""
+    t = tl.program_id(0)
+    s = _find_seq(cu_q_ptr, n_seqs, t, n_iter)
+    q_start = tl.load(cu_q_ptr + s)
+    q_len = tl.load(cu_q_ptr + s + 1) - q_start
+    pos = tl.load(ctx_ptr + s) - q_len + (t - q_start)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HEAD_DIM)
+    hmask = h < HQ
+    row = t.to(tl.int64)
+    o_ptrs = o_ptr + row * stride_ot + h[:, None] * stride_oh + d[None, :]
+    if pos < 0:  # padding row with no context
+        tl.store(o_ptrs, tl.zeros((BLOCK_H, HEAD_DIM), tl.float32).to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+        return
+    base = row * HQ + h
+    m = tl.load(ml_ptr + base * 2, mask=hmask, other=0.0)
+    l = tl.load(ml_ptr + base * 2 + 1, mask=hmask, other=1.0)
+    acc = tl.load(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=hmask[:, None], other=0.0)
+    for i in range(1, pos // SPLIT + 1):
+        b = (i * T + row) * HQ + h
+        m_i = tl.load(ml_ptr + b * 2, mask=hmask, other=0.0)
+        l_i = tl.load(ml_ptr + b * 2 + 1, mask=hmask, other=0.0)
+        a_i = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=hmask[:, None], other=0.0)
+        m_new = tl.maximum(m, m_i)
+        wa = tl.exp2(m - m_new)
+        wb = tl.exp2(m_i - m_new)
+        acc = acc * wa[:, None] + a_i * wb[:, None]
+        l = l * wa + l_i * wb
+        m = m_new
+    tl.store(o_ptrs, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+def _fast_decode_split(n_seqs: int, n_kv: int, max_ctx: int, block_n: int) -> int:
+    """Split size (tokens) giving at least ~2 programs per SM of an H100 at long contexts."""
+    want = max(1, -(-264 // max(1, n_seqs * n_kv)))
+    split = -(-max_ctx // want)
+    split = -(-split // block_n) * block_n
+    return max(block_n, split)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    kv_split: int | None = None, tiles: tuple | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """As ``attention.paged_attention_ref``.
+
+    kv_split: fixed split size in tokens (the invariant modes pass numerics.kv_split; then the
+    tiles are ``INVARIANT_TILES`` and split partials always go through the combine kernel).
+    None: fast mode. ``tiles`` overrides (BLOCK_M, BLOCK_N, num_warps), for tests; ``out``: an
+    optional output shaped like q (tests poison it).
+    """
+    T, HQ, D = q.shape
+    _, page, HKV, _ = k_cache.shape
+    n_seqs = context_lens.shape[0]
+    assert D & (D - 1) == 0 and q.stride(2) == 1 and k_cache.stride() == v_cache.stride()
+    group = HQ // HKV
+    group_p = triton.next_power_of_2(group)
+    decode = T == n_seqs  # every sequence has exactly one query row (chunks are never empty)
+    max_ctx = block_tables.shape[1] * page  # bound on any context length, from shapes only
+    if kv_split is not None:
+        bm, bn, warps = tiles or INVARIANT_TILES
+        bn = min(bn, kv_split)
+        split, split_out = kv_split, True
+        assert split % bn == 0 and bn & (bn - 1) == 0, "the KV split must be a multiple of a power-of-two BLOCK_N"
+    elif decode:
+        bm, bn, warps = tiles or (max(16, group_p), 64, 4)
+        split = _fast_decode_split(n_seqs, HKV, max_ctx, bn)
+        split_out = split < max_ctx
+    else:
+        bm, bn, warps = tiles or (128, 64, 8)
+        split, split_out = max(max_ctx, bn), False
+    bm = max(bm, group_p)
+    block_q = bm // group_p
+    n_splits = triton.cdiv(max_ctx, split) if split_out else 1
+    out = torch.empty_like(q) if out is None else out
+    if T == 0:
+        return out
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    tile_cu = torch.zeros(n_seqs + 1, dtype=torch.int32, device=q.device)
+    tile_cu[1:] = torch.cumsum((q_lens + block_q - 1) // block_q, 0, dtype=torch.int32)
+    n_tiles = min(T, triton.cdiv(T, block_q) + n_seqs)
+    n_iter = max(1, (n_seqs - 1).bit_length())
+    if split_out:
+        ws = torch.empty(n_splits, T, HQ, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(n_splits, T, HQ, 2, dtype=torch.float32, device=q.device)
+    else:
+        ws = ml = out
+    qk_scale = scale * 1.4426950408889634  # log2(e): scores in log2 units for exp2
+    _attn_kernel[(n_tiles, HKV, n_splits)](
+        q, k_cache, v_cache, out, ws, ml, cu_seqlens_q, context_lens, block_tables, tile_cu,
+        n_seqs, n_iter, qk_scale, T, HQ,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn, HEAD_DIM=D, PAGE=page, SPLIT=split,
+        SPLIT_OUT=split_out, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
+    if split_out:
+        _combine_kernel[(T,)](ws, ml, out, cu_seqlens_q, context_lens, n_seqs, max(1, n_seqs.bit_length()), T, HQ,
+                              out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(HQ),
+                              SPLIT=split, num_warps=4)
+    return out

@@ -1,0 +1,226 @@
+"""Triton kernels vs their torch references, under the Triton interpreter on CPU.
+
+Every check draws fresh random inputs (the seed is in the failure message), poisons the
+kernel's output with NaN first (so an unwritten element fails), and bounds the relative error
+||out - ref64|| / ||ref64|| against a float64 reference: 1e-5 for float32 data, 2e-3 for
+float16 (one fp16 rounding of the output is ~3e-4 in norm). The *_ref function must meet the
+same bound, and the kernel must agree with it. float16 stands in for the 16-bit path: the
+Triton 3.9 interpreter computes bf16 ``tl.dot`` wrongly.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import random
+
+import pytest
+import torch
+
+from exactllm.formats.quant import QuantWeight
+from exactllm.kernels import activation, attention, matmul, rmsnorm, rope
+from exactllm.kernels import activation_triton, attention_triton, matmul_triton, rmsnorm_triton, rope_triton
+
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.float16]
+
+
+def fresh_gen():
+    seed = random.randrange(1 << 31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
+    return ((a - b).norm() / b.norm()).item()
+
+
+def poison(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def check(out, ref_out, ref64, dtype, seed):
+    bound = BOUND[dtype]
+    e_out, e_ref = rel(out, ref64), rel(ref_out, ref64)
+    assert e_ref <= bound, f"reference off by {e_ref} (seed {seed})"
+    assert e_out <= bound, f"kernel off by {e_out} > {bound} (seed {seed})"
+    assert rel(out, ref_out) <= 2 * bound, f"kernel vs reference (seed {seed})"
+
+
+# ------------------------------------------------------------------------------ linear
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
+def test_linear_kernels(qtype, dtype):
+    gen, seed = fresh_gen()
+    M, N, K = 5, 40, 160  # K = 5 blocks: exercises the masked tail of every K tile below
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w = torch.randn(N, K, generator=gen)
+    W = QuantWeight.quantize(w, qtype) if qtype else w.to(dtype)
+    ref64 = x.double() @ (W.dequantize(torch.float64) if qtype else W.double()).T
+    ref = matmul.linear_ref(x, W)
+    runs = [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o)
+            for c in [(16, 16, 64, 4, 2), (32, 32, 128, 4, 1), matmul_triton.INVARIANT_CONFIG]]
+    if qtype:
+        runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 2, 4), (4, 8, 1)]]
+    for run in runs:
+        check(run(poison((M, N), dtype)), ref, ref64, dtype, seed)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", None])
+def test_linear_invariant_mode_is_batch_invariant(qtype):
+    """A row's bits do not depend on the batch around it (fixed tiles); fast mode's do."""
+    gen, seed = fresh_gen()
+    K, N = 256, 48
+    x = torch.randn(37, K, generator=gen, dtype=torch.float16)
+    w = torch.randn(N, K, generator=gen)
+    W = QuantWeight.quantize(w, qtype) if qtype else w.half()
+    full = matmul_triton.linear(x, W, invariant=True)
+    for r in (0, 20, 36):
+        assert torch.equal(matmul_triton.linear(x[r:r + 1], W, invariant=True)[0], full[r]), f"seed {seed}"
+    if qtype:  # fast mode: GEMV for one row, tensor-core tiles for 37 rows: other rounding
+        fast = matmul_triton.linear(x, W)
+        assert any(not torch.equal(matmul_triton.linear(x[r:r + 1], W)[0], fast[r]) for r in range(37))
+
+
+# ------------------------------------------------------------------------- elementwise
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm(dtype, with_residual):
+    gen, seed = fresh_gen()
+    x = torch.randn(7, 100, generator=gen).to(dtype)
+    w = 1 + 0.1 * torch.randn(100, generator=gen)
+    r = torch.randn(7, 100, generator=gen).to(dtype) if with_residual else None
+    y = poison(x.shape, dtype)
+    res = poison(x.shape, dtype)
+    out = rmsnorm_triton.rmsnorm(x, w, 1e-5, r, out=y, residual_out=res)
+    ref = rmsnorm.rmsnorm_ref(x, w, 1e-5, r)
+    s = x.double() + (r.double() if with_residual else 0)
+    if with_residual:
+        out, new_res = out
+        ref, ref_res = ref
+        assert torch.equal(new_res, ref_res)  # the residual stream is the same rounded sum
+        s = new_res.double()
+    ref64 = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    check(out, ref, ref64, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_in_place(dtype):
+    gen, seed = fresh_gen()
+    cos, sin = rope.rope_cache(32, 64, 10000.0)
+    x = torch.randn(6, 5, 32, generator=gen).to(dtype)
+    pos = torch.randint(0, 64, (6,), generator=gen)
+    ref = rope.apply_rope_ref(x, pos, cos, sin)
+    c, s = rope.rope_cache(32, 64, 10000.0)  # float64 angles rounded once: compare in float64
+    xd = x.double()
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * (1.0 / 10000.0 ** (torch.arange(0, 32, 2) / 32.0))
+    cd, sd = ang.cos()[pos][:, None], ang.sin()[pos][:, None]
+    ref64 = torch.stack((xd[..., 0::2] * cd - xd[..., 1::2] * sd, xd[..., 0::2] * sd + xd[..., 1::2] * cd), -1).flatten(-2)
+    buf = x.clone()
+    out = rope_triton.apply_rope(buf, pos, cos, sin)
+    assert out.data_ptr() == buf.data_ptr()
+    check(out, ref, ref64, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gen, seed = fresh_gen()
+    g = (3 * torch.randn(9, 333, generator=gen)).to(dtype)
+    u = torch.randn(9, 333, generator=gen).to(dtype)
+    out = activation_triton.silu_mul(g, u, out=poison(g.shape, dtype))
+    gd = g.double()
+    check(out, activation.silu_mul_ref(g, u), gd * torch.sigmoid(gd) * u.double(), dtype, seed)
+
+
+# --------------------------------------------------------------------------- attention
+
+def paged_case(gen, ctx, q_lens, hq, hkv, d=16, page=4, dtype=torch.float32):
+    """Random K/V in shuffled pages, and query rows for each sequence's last q_lens tokens."""
+    n_pages = sum(-(-c // page) for c in ctx) + 3
+    kc = torch.randn(n_pages, page, hkv, d, generator=gen).to(dtype)
+    vc = torch.randn(n_pages, page, hkv, d, generator=gen).to(dtype)
+    free = torch.randperm(n_pages, generator=gen).tolist()
+    width = max(-(-c // page) for c in ctx)
+    tables = []
+    for c in ctx:
+        n = -(-c // page)
+        tables.append([free.pop() for _ in range(n)] + [0] * (width - n))
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], hq, d, generator=gen).to(dtype)
+    i32 = torch.int32
+    return q, kc, vc, torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32), torch.tensor(tables, dtype=i32)
+
+
+def attention64(q, kc, vc, cu, ctx, tables, scale):
+    up = [t.double() if t.is_floating_point() else t for t in (q, kc, vc, cu, ctx, tables)]
+    return attention.paged_attention_ref(*up, scale)
+
+
+CASES = {  # (context lengths, query rows per sequence): prefill, chunked prefill, decode, mixed
+    "mixed": ([37, 5, 20, 64], [37, 1, 3, 1]),
+    "decode": ([9, 33, 1, 50], [1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+def test_paged_attention(dtype, case, heads):
+    gen, seed = fresh_gen()
+    args = paged_case(gen, *CASES[case], *heads, dtype=dtype)
+    ref64 = attention64(*args, 0.3)
+    ref = attention.paged_attention_ref(*args, 0.3)
+    for kw in ({"tiles": (16, 16, 4)}, {"tiles": (32, 16, 4)}, {"kv_split": 16, "tiles": (16, 16, 4)}):
+        out = attention_triton.paged_attention(*args, 0.3, out=poison(args[0].shape, dtype), **kw)
+        check(out, ref, ref64, dtype, seed)
+
+
+def test_write_kv_skips_negative_slots():
+    gen, seed = fresh_gen()
+    k = torch.randn(5, 2, 16, generator=gen)
+    v = torch.randn(5, 2, 16, generator=gen)
+    kc = torch.randn(4, 4, 2, 16, generator=gen)
+    vc = torch.randn(4, 4, 2, 16, generator=gen)
+    slots = torch.tensor([3, 9, -1, 0, 15])
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    keep = slots >= 0
+    attention.write_kv_ref(k[keep], v[keep], kc_ref, vc_ref, slots[keep])
+    attention_triton.write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), f"seed {seed}"
+
+
+def test_attention_invariant_mode_prefill_equals_decode():
+    """With a fixed KV split, a token's output is bitwise the same whether it is computed in a
+    prefill, a chunked prefill or a decode step, alone or batched; fast mode's is not."""
+    gen, seed = fresh_gen()
+    L = 70
+    q, kc, vc, _, _, tables = paged_case(gen, [L], [L], 6, 2)
+    i32 = torch.int32
+
+    def run(rows, ctx_len, **kw):
+        cu = torch.tensor([0, rows.shape[0]], dtype=i32)
+        return attention_triton.paged_attention(rows, kc, vc, cu, torch.tensor([ctx_len], dtype=i32), tables, 0.3, **kw)
+
+    inv = dict(kv_split=16, tiles=(16, 16, 4))
+    prefill = run(q, L, **inv)
+    chunk = run(q[40:], L, **inv)
+    decode = run(q[L - 1:], L, **inv)
+    assert torch.equal(prefill[40:], chunk), f"seed {seed}"
+    assert torch.equal(prefill[L - 1], decode[0]), f"seed {seed}"
+    # batched with another sequence (its own pages, after ours) in one decode step
+    q2, kc2, vc2, _, _, tables2 = paged_case(gen, [33], [33], 6, 2)
+    kc_all, vc_all = torch.cat((kc, kc2)), torch.cat((vc, vc2))
+    w = max(tables.shape[1], tables2.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, w - t.shape[1]))
+    tab = torch.cat((pad(tables), pad(tables2 + kc.shape[0])))
+    both = attention_triton.paged_attention(torch.cat((q[L - 1:], q2[-1:])), kc_all, vc_all,
+                                            torch.tensor([0, 1, 2], dtype=i32), torch.tensor([L, 33], dtype=i32),
+                                            tab, 0.3, **inv)
+    assert torch.equal(both[0], decode[0]), f"seed {seed}"
+    fast_prefill = run(q, L, tiles=(16, 16, 4))
+    fast_decode = run(q[L - 1:], L, tiles=(16, 16, 4))
+    assert not torch.equal(fast_prefill[L - 1], fast_decode[0]), "fast mode happened to match: pick another case"
