@@ -224,6 +224,7 @@ def plot(summary, path, a):
     for i, m in enumerate(MODES):
         key = "rank_experts_ms" if a.device == "cuda" else "rank_total_ms"
         ax[0].bar([r + 0.27 * (i - 1) for r in range(n)], e[m][key], width=0.27, label=m)
+    ax[0].set_xticks(range(n))
     ax[0].set_xlabel("EP rank")
     ax[0].set_ylabel("expert phase (ms)" if a.device == "cuda" else "layer (ms)")
     ax[0].set_title(f"per-rank MoE latency, imbalanced step {e['step']}, {T} tokens")
