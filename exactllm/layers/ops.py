@@ -8,7 +8,7 @@
   attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
   with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode alike;
   RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
-  tp_invariant: linears follow the TBIK tree (kernels/tree.py, torch ops on the GPU).
+  tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py).
 """
 from __future__ import annotations
 
@@ -36,9 +36,12 @@ class Ops:
 
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
-        if self._exact_cpu or (self._cuda and self.numerics.tree):
+        if self._exact_cpu:
             from exactllm.kernels.tree import tree_matmul
             return tree_matmul(x, w, out_dtype=x.dtype)
+        if self._cuda and self.numerics.tree:
+            from exactllm.kernels.tree_matmul_triton import tbik_matmul
+            return tbik_matmul(x, w, out_dtype=x.dtype)
         if self._cuda:
             from exactllm.kernels import matmul_triton
             return matmul_triton.linear(x, w, invariant=self.numerics.invariant)
@@ -48,6 +51,9 @@ class Ops:
         """Linear whose K is split over the TP ranks; combines the ranks' partial sums."""
         if tp.world == 1:
             return self.linear(x, w)
+        if self.numerics.tree and self._cuda:
+            from exactllm.kernels.tree_matmul_triton import tbik_matmul_partial
+            return tp.tree_allreduce(tbik_matmul_partial(x, w, tp.world)).to(x.dtype)
         if self.numerics.tree:
             from exactllm.kernels.tree import tree_matmul_partial
             return tp.tree_allreduce(tree_matmul_partial(x, w, tp.world)).to(x.dtype)

@@ -1,0 +1,149 @@
+"""End-to-end generation throughput vs batch size (the offline ``LLM.generate`` path).
+
+For each batch size B: B random prompts of --prompt-len tokens, --gen new tokens each
+(greedy, EOS ignored). One untimed warm-up run at B (Triton compilation, CUDA-graph capture),
+then a timed run; a run with max_tokens=1 gives the prefill time, so decode tokens/s is
+B * (gen - 1) / (total - prefill). Batch 1 also times one captured decode graph replay alone
+(GPU time of a decode step without the Python engine around it), to set against the roofline:
+bytes of weights + KV read per token / measured copy bandwidth.
+
+  PYTHONPATH=. python bench/throughput.py --model 'random:tinyllama-1.1b' --tag bf16
+Writes bench/results/throughput_<tag>.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from exactllm import LLM, SamplingParams
+
+HF_H100 = {1: 16, 64: 685, 256: 3330, 512: 6554}  # HF transformers 5.17 generate, BF16 (issue 3)
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads from the model: every linear except the embedding table (one row)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if hasattr(mod, "qtype") and name != "embed":
+            v = mod.value
+            total += v.nbytes if hasattr(v, "nbytes") and not isinstance(v, torch.Tensor) else v.numel() * v.element_size()
+    return total
+
+
+def timed_generate(llm, prompts, params):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, outs
+
+
+def graph_step_seconds(llm) -> float | None:
+    graphs = llm.engine.runner.graphs
+    if graphs is None or 1 not in graphs.graphs:
+        return None
+    g = graphs.graphs[1][0]
+    for _ in range(5):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(50):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="random:tinyllama-1.1b")
+    ap.add_argument("--tag", default="bf16")
+    ap.add_argument("--batches", default="1,16,64,256,512")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--numerics", default="fast")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--bandwidth", type=float, default=2.9e12, help="measured copy bandwidth, bytes/s")
+    ap.add_argument("--outdir", default="bench/results")
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    t0 = time.perf_counter()
+    llm = LLM(a.model, device="cuda", numerics=a.numerics, max_num_seqs=max(batches),
+              max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.prompt_len + a.gen + 16)
+    load_s = time.perf_counter() - t0
+    model = llm.engine.runner.model
+    cfg = model.cfg
+    wbytes = weight_bytes(model)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for b in batches:
+        prompts = torch.randint(0, cfg.vocab, (b, a.prompt_len), generator=gen).tolist()
+        full = SamplingParams(max_tokens=a.gen, temperature=0, ignore_eos=True)
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        timed_generate(llm, prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+        t_pre, _ = timed_generate(llm, prompts, one)
+        t_all, outs = timed_generate(llm, prompts, full)
+        assert all(len(o.token_ids) == a.gen for o in outs)
+        n_tok = b * a.gen
+        rec = {"batch": b, "seconds": t_all, "tokens_per_s": n_tok / t_all, "prefill_s": t_pre,
+               "decode_tokens_per_s": b * (a.gen - 1) / max(t_all - t_pre, 1e-9)}
+        if b in HF_H100:
+            rec["x_hf_h100"] = rec["tokens_per_s"] / HF_H100[b]
+        if b == 1:
+            ctx = a.prompt_len + a.gen // 2
+            kv = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * ctx * 2
+            floor = (wbytes + kv) / a.bandwidth
+            step = graph_step_seconds(llm)
+            rec.update(bytes_per_token=wbytes + kv, roofline_tokens_per_s=1 / floor,
+                       decode_frac_of_roofline=rec["decode_tokens_per_s"] * floor,
+                       graph_step_us=step and step * 1e6, graph_frac_of_roofline=step and floor / step)
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio_to_batch1"] = r["tokens_per_s"] / base
+    res = {"model": a.model, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+           "argv": sys.argv, "numerics": a.numerics, "prompt_len": a.prompt_len, "gen": a.gen, "load_s": load_s,
+           "weight_bytes": wbytes, "rows": rows}
+    os.makedirs(a.outdir, exist_ok=True)
+    path = os.path.join(a.outdir, f"throughput_{a.tag}")
+    with open(path + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, path + ".png")
+    print(f"\n== {a.model} {res['device']} {res['date']} numerics={a.numerics} weights {wbytes / 1e9:.3f} GB")
+    print(f"{'batch':>6} {'tok/s':>9} {'x batch1':>8} {'decode tok/s':>12} {'prefill s':>9} {'x HF':>6}")
+    for r in rows:
+        print(f"{r['batch']:6d} {r['tokens_per_s']:9.0f} {r['ratio_to_batch1']:8.1f} {r['decode_tokens_per_s']:12.0f} "
+              f"{r['prefill_s']:9.3f} {r.get('x_hf_h100', float('nan')):6.1f}")
+    r = rows[0]
+    if "roofline_tokens_per_s" in r:
+        print(f"batch 1: roofline {r['roofline_tokens_per_s']:.0f} tok/s; engine decode {r['decode_frac_of_roofline']*100:.0f}%;"
+              f" graph step {r['graph_step_us']} us = {100 * (r['graph_frac_of_roofline'] or 0):.0f}% of roofline")
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.loglog([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=f"exactllm ({res['numerics']})")
+    ax.loglog(list(HF_H100), list(HF_H100.values()), "s--", label="HF transformers (H100, BF16)")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(f"{res['model']} on {res['device']}\n{res['prompt_len']}-token prompts, {res['gen']} new tokens", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
