@@ -1,0 +1,397 @@
+"""The OpenAI-compatible HTTP API over one LLMEngine.
+
+    app = create_app(LLM(...).engine, "SmolLM2-135M-Instruct", api_key=None, max_queue=256)
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both with stream: true as
+server-sent events ending in ``data: [DONE]``), GET /v1/models, GET /health, GET /metrics.
+Every error is an OpenAI-style JSON body with a 4xx/5xx status; nothing the client sends
+should produce a bare 500 or a dropped connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from exactllm.engine.llm_engine import LLMEngine
+from exactllm.server.engine_loop import Draining, EngineLoop, Event, GenRequest, Overloaded
+from exactllm.server.metrics import ServerMetrics
+from exactllm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_body, chat_logprobs,
+                                      completion_body, completion_logprobs, new_id, now, usage)
+
+log = logging.getLogger("exactllm.server")
+
+RETRY_AFTER_S = 1
+_DISCONNECTED = object()  # put in an HTTP call's queue when its client goes away
+
+
+class APIKeyMiddleware:
+    """Bearer-token check for /v1/* as a plain ASGI middleware, so it runs before body parsing.
+
+    Both sides are hashed first so compare_digest sees equal lengths; the key is never logged."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._digest = hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            ok = hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self._digest)
+            if not (ok and scheme.lower() == b"bearer"):
+                err = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                               type="authentication_error", code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
+               aliases: tuple[str, ...] = ()) -> FastAPI:
+    """max_queue: sequences admitted beyond the engine's max_num_seqs before new ones get 429."""
+    loop = EngineLoop(engine, engine.cfg.max_num_seqs + max_queue)
+    sched = engine.scheduler
+    metrics = ServerMetrics(queue_depth=lambda: loop.in_flight, running=lambda: len(sched.running),
+                            waiting=lambda: len(sched.waiting), kv_usage=engine.block_manager.usage,
+                            prompt_tokens=lambda: engine.stats["prompt_tokens"],
+                            generation_tokens=lambda: engine.stats["generation_tokens"])
+    loop.on_events = lambda batch: _observe(metrics, batch)
+    names = {model_name, *aliases}
+    tok = engine.tokenizer
+    created = now()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            loop.draining = True
+            await asyncio.to_thread(loop.stop)
+
+    app = FastAPI(title="exactllm", lifespan=lifespan)
+    app.state.engine_loop, app.state.metrics = loop, metrics
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    # ---------------------------------------------------------------- errors
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg, loc = "the request body is not valid JSON", []
+        elif loc:
+            msg = f"{'.'.join(loc)}: {msg}"
+        return JSONResponse(APIError(400, msg, param=".".join(loc) or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in msg:
+            msg = "the request body is not valid UTF-8 JSON"
+        return JSONResponse(APIError(exc.status_code, msg, type=kind).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    # ---------------------------------------------------------------- helpers
+    def check_model(name: str) -> None:
+        if name not in names:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+
+    def token_str(t: int) -> str:
+        return tok.token_bytes(t).decode("utf-8", "replace")
+
+    def admit(n: int, endpoint: str) -> None:
+        try:
+            loop.admit(n)
+        except Overloaded:
+            metrics.requests.inc(endpoint=endpoint, outcome="rejected")
+            raise APIError(429, "the server is at capacity; retry later", type="server_overloaded",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except Draining:
+            metrics.requests.inc(endpoint=endpoint, outcome="rejected")
+            raise APIError(503, "the server is shutting down", type="server_unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    def abort_all(gens: list[GenRequest]) -> None:
+        for g in gens:
+            if not g.done:
+                metrics.sequences.inc(reason="abort")
+                loop.abort(g)
+
+    async def start(gens: list[GenRequest], queue: asyncio.Queue, endpoint: str) -> tuple[list[Event], int]:
+        """Submit every sequence and wait until the engine accepted all of them.
+
+        Returns events that arrived meanwhile and the prompt-token total (n choices of one
+        prompt count it once, as OpenAI bills it)."""
+        for g in gens:
+            loop.submit(g)
+        pending, accepted, prompt_tokens = [], 0, 0
+        try:
+            while accepted < len(gens):
+                ev = await queue.get()
+                if ev.error is not None:
+                    raise APIError(ev.error[0], ev.error[1], param="prompt" if ev.error[0] == 400 else None,
+                                   type="invalid_request_error" if ev.error[0] < 500 else "server_error")
+                if ev.accepted:
+                    accepted += 1
+                    prompt_tokens += ev.prompt_tokens if ev.index % gens[0].n_choices == 0 else 0
+                else:
+                    pending.append(ev)
+        except BaseException as exc:
+            abort_all(gens)
+            outcome = "invalid" if isinstance(exc, APIError) and exc.status < 500 else "error"
+            metrics.requests.inc(endpoint=endpoint, outcome=outcome)
+            raise
+        return pending, prompt_tokens
+
+    async def generate(body, prompts: list, endpoint: str, want_logprobs: bool,
+                       max_tokens_default: int | None):
+        n = body.n
+        gens, queue = [], asyncio.Queue()
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                params, max_tokens = body.sampling_params(max_tokens_default, want_logprobs)
+                if params.seed is not None:
+                    params.seed += j  # n choices with one seed must still differ
+                gens.append(GenRequest(i * n + j, prompt, params, max_tokens, body.stream, queue, n_choices=n))
+        admit(len(gens), endpoint)
+        pending, prompt_tokens = await start(gens, queue, endpoint)
+        return gens, queue, pending, prompt_tokens
+
+    async def collect(raw: Request, gens, queue, pending, endpoint: str) -> dict[int, Event] | None:
+        """Final events of every sequence, or None when the client disconnected first."""
+
+        async def watch():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+            queue.put_nowait(_DISCONNECTED)
+
+        watcher = asyncio.create_task(watch())
+        finals: dict[int, Event] = {}
+        try:
+            for ev in pending:
+                if ev.output is not None:
+                    finals[ev.index] = ev
+            while len(finals) < len(gens):
+                ev = await queue.get()
+                if ev is _DISCONNECTED:
+                    metrics.requests.inc(endpoint=endpoint, outcome="aborted")
+                    return None
+                if ev.error is not None:
+                    metrics.requests.inc(endpoint=endpoint, outcome="error")
+                    raise APIError(ev.error[0], ev.error[1], type="server_error")
+                if ev.output is not None:
+                    finals[ev.index] = ev
+            metrics.requests.inc(endpoint=endpoint, outcome="ok")
+            return finals
+        finally:
+            watcher.cancel()
+            abort_all(gens)
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def sse_error(status: int, message: str) -> str:
+        return sse(APIError(status, message, type="server_error").body())
+
+    async def events(gens, queue, pending):
+        """Yield every event until all sequences finished; raises APIError on an engine error."""
+        left = len(gens)
+        for ev in pending:
+            yield ev
+            left -= ev.output is not None
+        while left:
+            ev = await queue.get()
+            if ev.error is not None:
+                raise APIError(*ev.error)
+            yield ev
+            left -= ev.output is not None
+
+    def streaming(chunks, gens, endpoint: str) -> StreamingResponse:
+        async def body():
+            outcome = "aborted"  # unless we reach the end: the client went away (task cancelled)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+                outcome = "ok"
+            except APIError as exc:
+                outcome = "error"
+                yield sse_error(exc.status, exc.message)
+                yield "data: [DONE]\n\n"
+            finally:
+                metrics.requests.inc(endpoint=endpoint, outcome=outcome)
+                abort_all(gens)
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health():
+        if not loop.alive:
+            return JSONResponse({"status": "error", "detail": "engine thread is not running"}, status_code=503)
+        if loop.draining:
+            return JSONResponse({"status": "draining"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                             "owned_by": "exactllm", "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        endpoint = "completions"
+        check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        prompts = body.prompts()
+        _check_text(prompts, "prompt")
+        gens, queue, pending, prompt_tokens = await generate(body, prompts, endpoint, body.logprobs is not None,
+                                                             max_tokens_default=16)
+        rid, t0 = new_id("cmpl"), now()
+
+        def logprobs_of(ev: Event, offset: int):
+            if body.logprobs is None:
+                return None
+            return completion_logprobs([token_str(t) for t in ev.token_ids], ev.logprobs, offset)
+
+        if not body.stream:
+            finals = await collect(raw, gens, queue, pending, endpoint)
+            if finals is None:
+                return PlainTextResponse("", status_code=499)
+            choices, completion_tokens = [], 0
+            for i in range(len(gens)):
+                out = finals[i].output
+                completion_tokens += len(out.token_ids)
+                lp = None
+                if body.logprobs is not None:
+                    lp = completion_logprobs([token_str(t) for t in out.token_ids], out.logprobs, 0)
+                choices.append({"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason})
+            return completion_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
+
+        async def chunks():
+            completion_tokens, offsets = 0, [0] * len(gens)
+            async for ev in events(gens, queue, pending):
+                completion_tokens += len(ev.token_ids)
+                if not (ev.text or ev.output is not None or (body.logprobs is not None and ev.token_ids)):
+                    continue
+                choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs_of(ev, offsets[ev.index]),
+                          "finish_reason": ev.finish_reason if ev.output is not None else None}
+                offsets[ev.index] += len(ev.text)
+                yield sse(completion_body(rid, body.model, t0, [choice], None, chunk=True))
+            if body.include_usage:
+                yield sse(completion_body(rid, body.model, t0, [], usage(prompt_tokens, completion_tokens), chunk=True))
+            yield "data: [DONE]\n\n"
+
+        return streaming(chunks(), gens, endpoint)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        endpoint = "chat"
+        check_model(body.model)
+        messages = body.rendered_messages()
+        _check_text([m["content"] for m in messages], "messages")
+        try:
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # the model's template refused these messages
+            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        want_lp = body.logprobs
+        gens, queue, pending, prompt_tokens = await generate(body, [prompt], endpoint, want_lp,
+                                                             max_tokens_default=None)
+        rid, t0 = new_id("chatcmpl"), now()
+        top = bool(body.top_logprobs)
+
+        if not body.stream:
+            finals = await collect(raw, gens, queue, pending, endpoint)
+            if finals is None:
+                return PlainTextResponse("", status_code=499)
+            choices, completion_tokens = [], 0
+            for i in range(len(gens)):
+                out = finals[i].output
+                completion_tokens += len(out.token_ids)
+                lp = chat_logprobs([token_str(t) for t in out.token_ids], out.logprobs, top) if want_lp else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": out.text},
+                                "logprobs": lp, "finish_reason": out.finish_reason})
+            return chat_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
+
+        async def chunks():
+            completion_tokens = 0
+            for i in range(len(gens)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}
+                yield sse(chat_body(rid, body.model, t0, [first], None, chunk=True))
+            async for ev in events(gens, queue, pending):
+                completion_tokens += len(ev.token_ids)
+                if ev.text or (want_lp and ev.token_ids):
+                    lp = chat_logprobs([token_str(t) for t in ev.token_ids], ev.logprobs, top) if want_lp else None
+                    choice = {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
+                    yield sse(chat_body(rid, body.model, t0, [choice], None, chunk=True))
+                if ev.output is not None:
+                    choice = {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
+                    yield sse(chat_body(rid, body.model, t0, [choice], None, chunk=True))
+            if body.include_usage:
+                yield sse(chat_body(rid, body.model, t0, [], usage(prompt_tokens, completion_tokens), chunk=True))
+            yield "data: [DONE]\n\n"
+
+        return streaming(chunks(), gens, endpoint)
+
+    return app
+
+
+def _check_text(items, param: str) -> None:
+    """Reject strings that cannot be UTF-8 (lone surrogates from JSON \\ud800 escapes)."""
+    for s in items:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{param} contains text that is not valid Unicode", param=param) from None
+
+
+def _observe(metrics: ServerMetrics, batch: list) -> None:
+    """Latency histograms from the events just delivered (event-loop thread)."""
+    for req, ev in batch:
+        if ev.error is not None:
+            metrics.sequences.inc(reason="error")
+            continue
+        if ev.token_ids:
+            if req.last_token_time is None:
+                metrics.ttft.observe(ev.time - req.arrival)
+            else:
+                metrics.itl.observe((ev.time - req.last_token_time) / len(ev.token_ids))
+            req.last_token_time = ev.time
+        if ev.output is not None:
+            metrics.sequences.inc(reason=ev.output.finish_reason or "unknown")
+            metrics.e2e.observe(ev.time - req.arrival)
