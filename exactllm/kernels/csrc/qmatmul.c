@@ -30,6 +30,9 @@
 
 #define QK 32
 #define NCHUNK 32 /* columns per chunk; a multiple of every NT */
+#ifndef PF_TILES
+#define PF_TILES 4
+#endif
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
@@ -116,8 +119,14 @@ static inline __attribute__((always_inline)) void tile(const int qtype, const fl
         for (int r = 0; r < MTILE; r++) acc[i][r][0] = acc[i][r][1] = (v16f){0};
     for (int64_t b = 0; b < nb; b++) {
         v16f w[4][2];
-        for (int i = 0; i < NT; i++)
-            deq_block(qtype, qs + (n0 + i) * row_bytes, b, dc[i][b], dc[i][nb + b], &w[i][0], &w[i][1]);
+        for (int i = 0; i < NT; i++) {
+            const uint8_t *row = qs + (n0 + i) * row_bytes;
+            /* Rows are short (K/2 or K bytes) and visited NT at a time, too irregular for the
+             * hardware prefetcher: fetch the same block PF_TILES tiles ahead (harmless past
+             * the end of W: prefetches never fault). */
+            __builtin_prefetch(row + PF_TILES * NT * row_bytes + b * (row_bytes / nb));
+            deq_block(qtype, row, b, dc[i][b], dc[i][nb + b], &w[i][0], &w[i][1]);
+        }
         for (int r = 0; r < MTILE; r++) {
             const float *xb = x + (m0 + r) * K + b * QK;
             const v16f x0 = loadf(xb), x1 = loadf(xb + 16);
