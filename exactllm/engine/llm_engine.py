@@ -95,8 +95,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         capacity = self.block_manager.num_blocks * self.cfg.block_size
-        if len(ids) + 1 > capacity:
-            raise ValueError(f"prompt has {len(ids)} tokens; the KV cache holds only {capacity}")
+        needed = min(len(ids) + params.max_tokens, self.max_model_len)
+        if needed > capacity:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {needed} "
+                             f"KV slots; the KV cache holds only {capacity}")
         seq_id = next(self._ids)
         seed = params.seed if params.seed is not None else hash((self.cfg.seed, seq_id)) & 0x7FFFFFFF
         seq = Sequence(seq_id, ids, params, seed, prompt if isinstance(prompt, str) else None,
