@@ -72,7 +72,13 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--bandwidth", type=float, default=2.9e12, help="measured copy bandwidth, bytes/s")
     ap.add_argument("--outdir", default="bench/results")
+    ap.add_argument("--keep-seq-eq", action="store_true",
+                    help="keep Sequence's field-by-field dataclass __eq__ (the scheduler's `seq in deque` "
+                         "tests then cost O(batch^2) list compares per step); by default identity is used")
     a = ap.parse_args()
+    if not a.keep_seq_eq:
+        from exactllm.engine.sequence import Sequence
+        Sequence.__eq__ = object.__eq__
     batches = [int(b) for b in a.batches.split(",")]
     t0 = time.perf_counter()
     llm = LLM(a.model, device="cuda", numerics=a.numerics, max_num_seqs=max(batches),
@@ -84,12 +90,13 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows = []
     for b in batches:
-        prompts = torch.randint(0, cfg.vocab, (b, a.prompt_len), generator=gen).tolist()
+        # fresh prompts for every run: the prefix cache would otherwise skip the prefill
+        fresh = lambda: torch.randint(0, cfg.vocab, (b, a.prompt_len), generator=gen).tolist()
         full = SamplingParams(max_tokens=a.gen, temperature=0, ignore_eos=True)
         one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        timed_generate(llm, prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
-        t_pre, _ = timed_generate(llm, prompts, one)
-        t_all, outs = timed_generate(llm, prompts, full)
+        timed_generate(llm, fresh(), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+        t_pre, _ = timed_generate(llm, fresh(), one)
+        t_all, outs = timed_generate(llm, fresh(), full)
         assert all(len(o.token_ids) == a.gen for o in outs)
         n_tok = b * a.gen
         rec = {"batch": b, "seconds": t_all, "tokens_per_s": n_tok / t_all, "prefill_s": t_pre,
@@ -109,7 +116,7 @@ def main():
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["ratio_to_batch1"] = r["tokens_per_s"] / base
-    res = {"model": a.model, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+    res = {"model": a.model, "sequence_eq": "dataclass" if a.keep_seq_eq else "identity (patched)", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
            "argv": sys.argv, "numerics": a.numerics, "prompt_len": a.prompt_len, "gen": a.gen, "load_s": load_s,
            "weight_bytes": wbytes, "rows": rows}
     os.makedirs(a.outdir, exist_ok=True)

@@ -61,10 +61,26 @@ def test_linear_kernels(qtype, dtype):
     ref = matmul.linear_ref(x, W)
     runs = [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o)
             for c in [(16, 16, 64, 4, 2), (32, 32, 128, 4, 1), matmul_triton.INVARIANT_CONFIG]]
-    if qtype:
-        runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 2, 4), (4, 8, 1)]]
+    if qtype:  # GEMV: one row group, several groups with a ragged last one, and a single row
+        runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 8, 4, 2), (16, 4, 1, 1)]]
+        runs += [lambda o: torch.cat([matmul_triton.gemv(x[i:i + 1], W) for i in range(M)])]
+        runs += [lambda o: matmul_triton.linear(x, W, out=o)]  # M > 1: one-pass dequantize + matmul
     for run in runs:
         check(run(poison((M, N), dtype)), ref, ref64, dtype, seed)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_dequantize_kernel(qtype):
+    """Same values as the torch dequantizer: exact for Q4_0/Q8_0 ((q - o) * d is exact in float32);
+    Q4_1's q * d + min may be one fused rounding instead of two."""
+    gen, seed = fresh_gen()
+    W = QuantWeight.quantize(torch.randn(24, 224, generator=gen), qtype)
+    got = matmul_triton.dequantize(W, torch.float32)
+    want = W.dequantize(torch.float32)
+    if qtype == "q4_1":
+        assert torch.allclose(got, want, rtol=2e-7, atol=1e-7), f"seed {seed}"
+    else:
+        assert torch.equal(got, want), f"seed {seed}"
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", None])
@@ -193,26 +209,28 @@ def test_write_kv_skips_negative_slots():
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), f"seed {seed}"
 
 
-def test_attention_invariant_mode_prefill_equals_decode():
+@pytest.mark.parametrize("heads,tiles", [((6, 2), (16, 16, 4)), ((4, 4), (32, 16, 4))])
+def test_attention_invariant_mode_prefill_equals_decode(heads, tiles):
     """With a fixed KV split, a token's output is bitwise the same whether it is computed in a
-    prefill, a chunked prefill or a decode step, alone or batched; fast mode's is not."""
+    prefill, a chunked prefill or a decode step, alone or batched; fast mode's is not.
+    (The second case has query tiles of 32 tokens straddling split boundaries.)"""
     gen, seed = fresh_gen()
     L = 70
-    q, kc, vc, _, _, tables = paged_case(gen, [L], [L], 6, 2)
+    q, kc, vc, _, _, tables = paged_case(gen, [L], [L], *heads)
     i32 = torch.int32
 
     def run(rows, ctx_len, **kw):
         cu = torch.tensor([0, rows.shape[0]], dtype=i32)
         return attention_triton.paged_attention(rows, kc, vc, cu, torch.tensor([ctx_len], dtype=i32), tables, 0.3, **kw)
 
-    inv = dict(kv_split=16, tiles=(16, 16, 4))
+    inv = dict(kv_split=16, tiles=tiles)
     prefill = run(q, L, **inv)
     chunk = run(q[40:], L, **inv)
     decode = run(q[L - 1:], L, **inv)
     assert torch.equal(prefill[40:], chunk), f"seed {seed}"
     assert torch.equal(prefill[L - 1], decode[0]), f"seed {seed}"
     # batched with another sequence (its own pages, after ours) in one decode step
-    q2, kc2, vc2, _, _, tables2 = paged_case(gen, [33], [33], 6, 2)
+    q2, kc2, vc2, _, _, tables2 = paged_case(gen, [33], [33], *heads)
     kc_all, vc_all = torch.cat((kc, kc2)), torch.cat((vc, vc2))
     w = max(tables.shape[1], tables2.shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, w - t.shape[1]))
@@ -221,6 +239,6 @@ def test_attention_invariant_mode_prefill_equals_decode():
                                             torch.tensor([0, 1, 2], dtype=i32), torch.tensor([L, 33], dtype=i32),
                                             tab, 0.3, **inv)
     assert torch.equal(both[0], decode[0]), f"seed {seed}"
-    fast_prefill = run(q, L, tiles=(16, 16, 4))
-    fast_decode = run(q[L - 1:], L, tiles=(16, 16, 4))
+    fast_prefill = run(q, L, tiles=tiles)
+    fast_decode = run(q[L - 1:], L, tiles=tiles)
     assert not torch.equal(fast_prefill[L - 1], fast_decode[0]), "fast mode happened to match: pick another case"

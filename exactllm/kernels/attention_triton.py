@@ -72,6 +72,37 @@ def _find_seq(cum_ptr, n_seqs, idx, n_iter):
 
 
 @triton.jit
+def _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh, qk_scale,
+                m_i, l_i, acc, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+                MASKED: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N (masked: causal and < hi)."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kin = kpos < hi
+        page = tl.load(bt_row + kpos // PAGE, mask=kin, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + kpos // PAGE).to(tl.int64)
+    kv_off = page * stride_kb + (kpos % PAGE) * stride_kt + kvh * stride_kh
+    if MASKED:
+        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + kv_off[:, None] + d[None, :])
+        v = tl.load(v_ptr + kv_off[:, None] + d[None, :])
+    sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        ok = (kpos[None, :] <= pos[:, None]) & kin[None, :]
+        sc = tl.where(ok, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(sc - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, bt_ptr, tile_cu_ptr,
                  n_seqs, n_iter, qk_scale, T, HQ,
                  stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
@@ -114,23 +145,15 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N)
-        kin = kpos < hi
-        page = tl.load(bt_row + kpos // PAGE, mask=kin, other=0).to(tl.int64)
-        kv_off = page * stride_kb + (kpos % PAGE) * stride_kt + kvh * stride_kh
-        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kin[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kin[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        ok = (kpos[None, :] <= pos[:, None]) & kin[None, :]
-        sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(sc - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # chunks wholly below the tile's first position are visible to every row: no masks there
+    # (a mask that keeps everything would give the same bits, so this split is invariant)
+    full_end = lo + tl.maximum(tl.minimum(hi, ctx - q_len + t0 + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, full_end, BLOCK_N):
+        m_i, l_i, acc = _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh,
+                                    qk_scale, m_i, l_i, acc, BLOCK_N, PAGE, PRECISION, False)
+    for n0 in range(full_end, hi, BLOCK_N):
+        m_i, l_i, acc = _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh,
+                                    qk_scale, m_i, l_i, acc, BLOCK_N, PAGE, PRECISION, True)
 
     if SPLIT_OUT:
         # workspace [n_splits, T, HQ, D] float32 and [n_splits, T, HQ, 2] (m, l)

@@ -3,11 +3,13 @@
 Same signature as ``matmul.linear_ref``; the weight planes of ``QuantWeight`` (qs, scale, min)
 are read directly and dequantized in registers, products accumulated in float32.
 
-Two kernels:
-- GEMV (fast mode, M <= GEMV_MAX_M, quantized): one program per (BLOCK_N rows, one x row);
-  per 32-block it sums q * x on the CUDA cores and scales once by d (and adds min * sum(x)
-  for Q4_1). Bytes-bound: the weight planes are read once per x row (rows share L2).
-- GEMM (tensor cores): the weight tile is dequantized to x's dtype and fed to ``tl.dot``.
+Kernels:
+- GEMV (fast mode, M <= GEMV_MAX_M, quantized): one program per (BLOCK_N outputs, all rows);
+  the quant plane is read as int32 words, unpacked with shifts and masks and turned into
+  floats by the 2^23 mantissa trick (no int->float instructions), multiplied with x on the
+  CUDA cores, each word's partial sum scaled once by its block's d (Q4_1: + min * sum(x)).
+- Fast mode, larger M: a one-pass Triton dequantization to x's dtype, then cuBLAS.
+- GEMM (tensor cores, the invariant modes): the weight tile is dequantized to x's dtype and fed to ``tl.dot``.
   For the 4-bit types a K-tile is two dots: the low nibbles (weights j of each 32-block)
   against x[:, 32b + j] and the high nibbles (weights j + 16) against x[:, 32b + 16 + j],
   so no in-register interleave is needed.
@@ -15,7 +17,7 @@ Two kernels:
 Numerics: in ``invariant`` mode the GEMM runs with one fixed tile config (``INVARIANT_CONFIG``)
 for every M and every weight type, and never split-K, so a row's reduction order does not
 depend on how many rows share the call. In fast mode dense weights go to cuBLAS (torch), and
-quantized tiles are chosen from M.
+quantized weights take the GEMV up to GEMV_MAX_M rows and dequantize + cuBLAS above.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import triton.language as tl
 from exactllm.formats.quant import QuantWeight
 
 QCODES = {None: 0, "q4_0": 1, "q4_1": 2, "q8_0": 3}
-GEMV_MAX_M = 4
+GEMV_MAX_M = 8
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): fixed, whatever M is.
 INVARIANT_CONFIG = (64, 64, 64, 4, 3)
 
@@ -90,44 +92,85 @@ def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+def _unpack(words, n: tl.constexpr, QTYPE: tl.constexpr):
+    """Quant n of each int32 word as an exact float32, without int->float conversions (a
+    quarter-rate instruction on Hopper): the integer is OR-ed into the mantissa of 2^23 and
+    2^23 (+ the format's offset) subtracted. Q4_0 gives q - 8, Q4_1 q, Q8_0 the signed q."""
+    if QTYPE == 3:
+        u = ((words >> (8 * n)) & 0xFF) ^ 0x80  # int8 q -> q + 128 in 0..255
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    u = (words >> (4 * n)) & 0xF
+    if QTYPE == 1:
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _word_cols(wi, n: tl.constexpr, QTYPE: tl.constexpr):
+    """Column (index in K) of quant n of word wi. A 4-bit 32-block is 4 words: word w holds
+    bytes 4w..4w+3, nibble n is byte 4w + n // 2, low (weight j) or high (weight j + 16)."""
+    if QTYPE == 3:
+        return wi * 4 + n
+    return (wi // 4) * 32 + (wi % 4) * 4 + n // 2 + 16 * (n % 2)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, n_words, stride_xm, stride_wn, stride_sn, stride_ym,
+                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """y[m, n] for BLOCK_M rows x BLOCK_N outputs; the weight planes are read as int32 words."""
+    NQ: tl.constexpr = 4 if QTYPE == 3 else 8           # quants per word
+    WPB: tl.constexpr = 8 if QTYPE == 3 else 4          # words per 32-block
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_n = offs_n < N
-    n_blocks = K // 32
-    x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    for b0 in range(0, n_blocks, BLOCK_B):
-        bb = b0 + tl.arange(0, BLOCK_B)
-        bmask = bb < n_blocks
-        m2 = mask_n[:, None] & bmask[None, :]
-        m3 = m2[:, :, None]
-        d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + bb[None, :], mask=m2, other=0.0).to(tl.float32)
-        if QTYPE == 3:
-            j = tl.arange(0, 32)
-            q = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + (bb * 32)[None, :, None] + j[None, None, :],
-                        mask=m3, other=0).to(tl.float32)
-            x = tl.load(x_row + (bb * 32)[:, None] + j[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(q * x[None, :, :], axis=2) * d
-        else:
-            j = tl.arange(0, 16)
-            q = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + (bb * 16)[None, :, None] + j[None, None, :],
-                        mask=m3, other=0)
-            x_lo = tl.load(x_row + (bb * 32)[:, None] + j[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(x_row + (bb * 32 + 16)[:, None] + j[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
-            lo = (q & 15).to(tl.float32)
-            hi = (q >> 4).to(tl.float32)
-            dot = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)
-            xsum = tl.sum(x_lo + x_hi, axis=1)[None, :]
-            if QTYPE == 1:
-                acc += (dot - 8.0 * xsum) * d
-            else:
-                mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + bb[None, :], mask=m2, other=0.0).to(tl.float32)
-                acc += dot * d + mn * xsum
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, n_words, BLOCK_W):
+        wi = w0 + tl.arange(0, BLOCK_W)
+        wmask = wi < n_words
+        m2 = mask_n[:, None] & wmask[None, :]
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :], mask=m2, other=0)
+        blk = wi // WPB
+        d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
+        xmask = mask_m[:, None] & wmask[None, :]
+        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+        for n in tl.static_range(NQ):
+            q = _unpack(words, n, QTYPE)
+            xv = tl.load(x_rows + _word_cols(wi, n, QTYPE)[None, :], mask=xmask, other=0.0).to(tl.float32)
+            part += q[None, :, :] * xv[:, None, :]
+            if QTYPE == 2:
+                xsum += xv
+        acc += part * d[None, :, :]
+        if QTYPE == 2:  # Q4_1: x' = q d + min, so each word adds min * sum(x) too
+            mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc += xsum[:, None, :] * mn[None, :, :]
+    y = tl.sum(acc, axis=2)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, sc_ptr, mn_ptr, out_ptr, N, n_words, stride_wn, stride_sn, stride_on,
+                    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Planes -> dense [N, K] in out's dtype (float32 math, then one rounding)."""
+    NQ: tl.constexpr = 4 if QTYPE == 3 else 8
+    WPB: tl.constexpr = 8 if QTYPE == 3 else 4
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    m2 = (offs_n < N)[:, None] & (wi < n_words)[None, :]
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :], mask=m2, other=0)
+    blk = wi // WPB
+    d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
+    if QTYPE == 2:
+        mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
+    for n in tl.static_range(NQ):
+        v = _unpack(words, n, QTYPE) * d
+        if QTYPE == 2:
+            v = v + mn
+        dst = out_ptr + offs_n[:, None] * stride_on + _word_cols(wi, n, QTYPE)[None, :]
+        tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def _planes(w):
@@ -157,41 +200,55 @@ def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None) -> 
     return y
 
 
-def gemv(x: torch.Tensor, w: QuantWeight, config: tuple = (8, 8, 4), out: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA-core GEMV-style kernel for few rows: config (BLOCK_N, BLOCK_B blocks of 32, num_warps)."""
-    bn, bb, warps = config
+def _words(qs: torch.Tensor) -> torch.Tensor:
+    """A quant plane [N, bytes] viewed as int32 words [N, bytes / 4] (no copy when aligned)."""
+    if qs.stride(-1) != 1 or qs.stride(0) % 4 or qs.storage_offset() % 4:
+        qs = qs.contiguous()
+    return qs.view(torch.int32)
+
+
+def gemv(x: torch.Tensor, w: QuantWeight, config: tuple = (8, 32, 4, 3), out: torch.Tensor | None = None) -> torch.Tensor:
+    """CUDA-core kernel for few rows: config (BLOCK_N, BLOCK_W int32 words, num_warps, num_stages);
+    rows are taken in groups of up to GEMV_MAX_M per program (the weight words are unpacked once per group)."""
+    bn, bw, warps, stages = config
     M, K = x.shape
     N = w.shape[0]
-    qs, sc, mn, code = _planes(w)
+    words = _words(w.qs)
+    mn = w.min if w.min is not None else w.scale
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        _gemv_kernel[(triton.cdiv(N, bn), M)](x, qs, sc, mn, y, N, K, x.stride(0), qs.stride(0), sc.stride(0),
-                                             y.stride(0), QTYPE=code, BLOCK_N=bn, BLOCK_B=bb, num_warps=warps)
+        bm = min(triton.next_power_of_2(M), GEMV_MAX_M)
+        _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+            x, words, w.scale, mn, y, M, N, words.shape[1], x.stride(0), words.stride(0), w.scale.stride(0), y.stride(0),
+            QTYPE=QCODES[w.qtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, num_stages=stages)
     return y
 
 
-def fast_gemm_config(M: int, N: int) -> tuple:
-    """Tiles for fast mode, chosen from M (never used by the invariant modes)."""
-    if M <= 16:
-        return (16, 32, 128, 4, 4)
-    if M <= 32:
-        return (32, 64, 128, 4, 4)
-    if M <= 64:
-        return (64, 64, 128, 4, 4)
-    return (128, 128, 64, 8, 3)
+def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [N, K] copy of a quantized weight in one pass (for cuBLAS at larger M)."""
+    N, K = w.shape
+    words = _words(w.qs)
+    mn = w.min if w.min is not None else w.scale
+    out = torch.empty(N, K, dtype=dtype, device=w.qs.device)
+    bn, bw = 16, 64
+    _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(words.shape[1], bw))](
+        words, w.scale, mn, out, N, words.shape[1], words.stride(0), w.scale.stride(0), out.stride(0),
+        QTYPE=QCODES[w.qtype], BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+    return out
 
 
 # GEMV tiles per (N, K, qtype), tuned once per shape on first use (fast mode only).
-GEMV_CONFIGS = [(4, 16, 4), (8, 8, 4), (8, 16, 4), (16, 8, 4), (16, 16, 8), (32, 8, 8)]
+GEMV_CONFIGS = [(4, 32, 2, 3), (4, 64, 4, 3), (8, 32, 4, 3), (8, 64, 4, 4), (16, 32, 4, 3), (16, 64, 8, 3),
+                (32, 32, 8, 3)]
 _gemv_best: dict = {}
 
 
 def _tuned_gemv_config(x: torch.Tensor, w: QuantWeight) -> tuple:
-    key = (w.shape, w.qtype, x.dtype)
+    key = (w.shape, w.qtype, x.dtype, min(triton.next_power_of_2(x.shape[0]), GEMV_MAX_M))
     if key in _gemv_best:
         return _gemv_best[key]
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return GEMV_CONFIGS[1]
+        return GEMV_CONFIGS[2]
     from triton.testing import do_bench
     times = [(do_bench(lambda c=c: gemv(x, w, c), warmup=5, rep=20, return_mode="median"), c) for c in GEMV_CONFIGS]
     _gemv_best[key] = min(times)[1]
@@ -207,7 +264,7 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
     if not isinstance(w, QuantWeight):
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
-    M, N = x.shape[0], w.shape[0]
-    if M <= GEMV_MAX_M:
+    if x.shape[0] <= GEMV_MAX_M:
         return gemv(x, w, _tuned_gemv_config(x, w), out)
-    return gemm(x, w, fast_gemm_config(M, N), out)
+    y = F.linear(x, dequantize(w, x.dtype))
+    return y if out is None else out.copy_(y)
