@@ -108,17 +108,23 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
                  stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, DECODE: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if tile >= tl.load(tile_cu_ptr + n_seqs):
-        return
-    s = _find_seq(tile_cu_ptr, n_seqs, tile, n_iter)
-    q_start = tl.load(cu_q_ptr + s)
-    q_len = tl.load(cu_q_ptr + s + 1) - q_start
+    if DECODE:  # one query row per sequence: tile s is row s of sequence s (only indexing differs)
+        s = tile
+        q_start = tile
+        q_len = 1
+        t0 = 0
+    else:
+        if tile >= tl.load(tile_cu_ptr + n_seqs):
+            return
+        s = _find_seq(tile_cu_ptr, n_seqs, tile, n_iter)
+        q_start = tl.load(cu_q_ptr + s)
+        q_len = tl.load(cu_q_ptr + s + 1) - q_start
+        t0 = (tile - tl.load(tile_cu_ptr + s)) * BLOCK_Q
     ctx = tl.load(ctx_ptr + s)
-    t0 = (tile - tl.load(tile_cu_ptr + s)) * BLOCK_Q
     kv_end = ctx - q_len + tl.minimum(t0 + BLOCK_Q, q_len)  # keys any row of this tile may see
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     r = tl.arange(0, BLOCK_M)
@@ -169,13 +175,16 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
 
 @triton.jit
 def _combine_kernel(ws_ptr, ml_ptr, o_ptr, cu_q_ptr, ctx_ptr, n_seqs, n_iter, T, HQ, stride_ot, stride_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr, DECODE: tl.constexpr):
     """Merge one token's split partials, split 0 first, one split at a time."""
     t = tl.program_id(0)
-    s = _find_seq(cu_q_ptr, n_seqs, t, n_iter)
-    q_start = tl.load(cu_q_ptr + s)
-    q_len = tl.load(cu_q_ptr + s + 1) - q_start
-    pos = tl.load(ctx_ptr + s) - q_len + (t - q_start)
+    if DECODE:
+        pos = tl.load(ctx_ptr + t) - 1
+    else:
+        s = _find_seq(cu_q_ptr, n_seqs, t, n_iter)
+        q_start = tl.load(cu_q_ptr + s)
+        q_len = tl.load(cu_q_ptr + s + 1) - q_start
+        pos = tl.load(ctx_ptr + s) - q_len + (t - q_start)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HEAD_DIM)
     hmask = h < HQ
@@ -247,10 +256,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q) if out is None else out
     if T == 0:
         return out
-    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    tile_cu = torch.zeros(n_seqs + 1, dtype=torch.int32, device=q.device)
-    tile_cu[1:] = torch.cumsum((q_lens + block_q - 1) // block_q, 0, dtype=torch.int32)
-    n_tiles = min(T, triton.cdiv(T, block_q) + n_seqs)
+    if decode:  # tiles are sequences: no per-sequence tile counts to compute
+        tile_cu, n_tiles = cu_seqlens_q, n_seqs
+    else:
+        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        tile_cu = torch.zeros(n_seqs + 1, dtype=torch.int32, device=q.device)
+        tile_cu[1:] = torch.cumsum((q_lens + block_q - 1) // block_q, 0, dtype=torch.int32)
+        n_tiles = min(T, triton.cdiv(T, block_q) + n_seqs)
     n_iter = max(1, (n_seqs - 1).bit_length())
     if split_out:
         ws = torch.empty(n_splits, T, HQ, D, dtype=torch.float32, device=q.device)
@@ -264,9 +276,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn, HEAD_DIM=D, PAGE=page, SPLIT=split,
-        SPLIT_OUT=split_out, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
+        SPLIT_OUT=split_out, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode,
+        num_warps=warps)
     if split_out:
         _combine_kernel[(T,)](ws, ml, out, cu_seqlens_q, context_lens, n_seqs, max(1, n_seqs.bit_length()), T, HQ,
                               out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(HQ),
-                              SPLIT=split, num_warps=4)
+                              SPLIT=split, DECODE=decode, num_warps=4)
     return out
