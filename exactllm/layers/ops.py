@@ -1,6 +1,7 @@
 """Picks the kernel for each op from (device, numerics mode): the one place where that choice is made.
 
-- CPU, fast: plain torch (MKL matmul, SDPA).
+- CPU, fast: the fused quantized matmul of kernels/cpu_qmatmul.py (C, compiled at first use)
+  for small batches, plain torch (MKL matmul, SDPA) otherwise.
 - CPU, batch_invariant / tp_invariant: the fixed-binary-tree ops of kernels/tree.py, exact by
   construction (elementwise products and pairwise adds in one fixed order).
 - CUDA: Triton kernels (kernels/*_triton.py, imported lazily so CPU-only installs never need
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exactllm.kernels import activation, attention, matmul, rmsnorm, rope
+from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope
 from exactllm.layers.parallel import TPContext
 from exactllm.numerics import Numerics
 
@@ -45,7 +46,7 @@ class Ops:
         if self._cuda:
             from exactllm.kernels import matmul_triton
             return matmul_triton.linear(x, w, invariant=self.numerics.invariant)
-        return matmul.linear_ref(x, w)
+        return cpu_qmatmul.linear_cpu(x, w)
 
     def row_parallel_linear(self, x: torch.Tensor, w, tp: TPContext) -> torch.Tensor:
         """Linear whose K is split over the TP ranks; combines the ranks' partial sums."""
@@ -60,9 +61,7 @@ class Ops:
         if self._exact_cpu:
             from exactllm.kernels.tree import tree_matmul
             return tp.all_reduce(tree_matmul(x, w, out_dtype=torch.float32)).to(x.dtype)
-        if self._cuda:
-            return tp.all_reduce(self.linear(x, w).float()).to(x.dtype)
-        return tp.all_reduce(matmul.linear_ref(x, w).float()).to(x.dtype)
+        return tp.all_reduce(self.linear(x, w).float()).to(x.dtype)
 
     def rmsnorm(self, x, weight, eps, residual=None):
         if self._exact_cpu:
