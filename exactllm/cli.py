@@ -138,25 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
 
-    for register in _optional_commands():
-        register(sub)
+    from exactllm.check_determinism import add_parser as add_check_parser
+    from exactllm.server.cli import add_serve_parser
+    add_serve_parser(sub)
+    add_check_parser(sub)
     return parser
-
-
-def _optional_commands():
-    """Subcommands that live with their feature (server, determinism checker, benchmarks)."""
-    registrars = []
-    for module, name in (("exactllm.server.cli", "add_serve_parser"),
-                         ("exactllm.check_determinism", "add_parser"),
-                         ("exactllm.bench_cli", "add_parser")):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("exactllm"):
-                continue
-            raise
-        registrars.append(getattr(mod, name))
-    return registrars
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,78 @@
+"""``exactllm check-determinism``: run prompts under every (TP size, batch size) combination and
+count tokens and log-probs that differ from the TP=1, batch-1 run (the TBIK paper's "probability
+divergence"). Batches are filled with other prompts, so each target prompt shares its batch with
+strangers, as in a server."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+FILLER = ["Filler request number {i}: tell me something about the number {i}.",
+          "{i} {i} {i} repeat after me", "Translate to French: good morning, friend #{i}"]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def run_check(model, prompts, tps, batch_sizes, numerics, device, max_tokens, temperature, seed) -> dict:
+    from exactllm import LLM, SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=True)
+    runs = {}
+    for tp in tps:
+        llm = LLM(model, device=device, numerics=numerics, tensor_parallel_size=tp)
+        for bs in batch_sizes:
+            outs = []
+            for p in prompts:
+                batch = [p] + [FILLER[i % len(FILLER)].format(i=i) for i in range(bs - 1)]
+                outs.append(llm.generate(batch, params, use_tqdm=False)[0])
+            runs[(tp, bs)] = [(o.token_ids, o.logprobs) for o in outs]
+    base = runs[(tps[0], batch_sizes[0])]
+    rows = []
+    for (tp, bs), outs in runs.items():
+        tok_diff = sum(a != b for (ta, _), (tb, _) in zip(outs, base) for a, b in zip(ta, tb))
+        lp_diff = sum(a != b for (_, la), (_, lb) in zip(outs, base) for a, b in zip(la, lb))
+        max_abs = max((abs(a - b) for (_, la), (_, lb) in zip(outs, base) for a, b in zip(la, lb)), default=0.0)
+        rows.append({"tp": tp, "batch_size": bs, "tokens": sum(len(t) for t, _ in outs),
+                     "differing_tokens": tok_diff, "differing_logprobs": lp_diff, "max_abs_logprob_diff": max_abs})
+    return {"model": model, "numerics": numerics, "device": device, "baseline": {"tp": tps[0], "batch_size": batch_sizes[0]},
+            "rows": rows}
+
+
+def cmd_check(args) -> int:
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    report = run_check(args.model, prompts, _int_list(args.tp), _int_list(args.batch_sizes), args.numerics,
+                       args.device, args.max_tokens, args.temperature, args.seed)
+    print(f"{'tp':>3} {'batch':>6} {'tokens':>7} {'diff tokens':>12} {'diff logprobs':>14} {'max |dlogp|':>12}")
+    for r in report["rows"]:
+        print(f"{r['tp']:>3} {r['batch_size']:>6} {r['tokens']:>7} {r['differing_tokens']:>12} "
+              f"{r['differing_logprobs']:>14} {r['max_abs_logprob_diff']:>12.3g}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if all(r["differing_logprobs"] == 0 for r in report["rows"]) or args.numerics == "fast" else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("check-determinism", help="count log-probs that change with TP size or batch size")
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--numerics", default="tp_invariant", choices=["fast", "batch_invariant", "tp_invariant"])
+    p.add_argument("--tp", default="1,2", help="comma-separated TP sizes (first is the baseline)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (first is the baseline)")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=cmd_check)
+
+
+if __name__ == "__main__":
+    from exactllm.cli import main
+    sys.exit(main(["check-determinism", *sys.argv[1:]]))
