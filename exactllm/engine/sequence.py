@@ -13,7 +13,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `seq in deque` must not compare token lists
 class Sequence:
     seq_id: int
     prompt_token_ids: list[int]
