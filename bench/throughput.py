@@ -72,13 +72,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--bandwidth", type=float, default=2.9e12, help="measured copy bandwidth, bytes/s")
     ap.add_argument("--outdir", default="bench/results")
-    ap.add_argument("--keep-seq-eq", action="store_true",
-                    help="keep Sequence's field-by-field dataclass __eq__ (the scheduler's `seq in deque` "
-                         "tests then cost O(batch^2) list compares per step); by default identity is used")
     a = ap.parse_args()
-    if not a.keep_seq_eq:
-        from exactllm.engine.sequence import Sequence
-        Sequence.__eq__ = object.__eq__
     batches = [int(b) for b in a.batches.split(",")]
     t0 = time.perf_counter()
     llm = LLM(a.model, device="cuda", numerics=a.numerics, max_num_seqs=max(batches),
@@ -116,7 +110,7 @@ def main():
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["ratio_to_batch1"] = r["tokens_per_s"] / base
-    res = {"model": a.model, "sequence_eq": "dataclass" if a.keep_seq_eq else "identity (patched)", "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+    res = {"model": a.model, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
            "argv": sys.argv, "numerics": a.numerics, "prompt_len": a.prompt_len, "gen": a.gen, "load_s": load_s,
            "weight_bytes": wbytes, "rows": rows}
     os.makedirs(a.outdir, exist_ok=True)
