@@ -13,9 +13,17 @@ from exactllm.numerics import resolve
 from exactllm.sampling_params import SamplingParams
 
 
-def run_generate(engine: LLMEngine, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-    """Submit every prompt, step the engine until all finish; outputs in prompt order."""
-    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+def run_generate(engine: LLMEngine, prompts: list, params: list[SamplingParams], use_tqdm: bool,
+                 multi_modal: list | None = None) -> list[RequestOutput]:
+    """Submit every prompt, step the engine until all finish; outputs in prompt order.
+    multi_modal: per prompt, None or its MultiModalPrompt (images placed, see exactllm/multimodal.py)."""
+    seqs = []
+    for p, sp, mm in zip(prompts, params, multi_modal or [None] * len(prompts)):
+        if mm is None:
+            seqs.append(engine.add_request(p, sp))
+        else:
+            seqs.append(engine.add_request(mm.token_ids, sp, mm.modality_ids, mm.vision_embeds))
+            seqs[-1].prompt = p if isinstance(p, str) else None
     bar = None
     if use_tqdm:
         from tqdm.auto import tqdm
@@ -33,7 +41,7 @@ def run_generate(engine: LLMEngine, prompts: list, params: list[SamplingParams],
 
 
 def _generate_on_rank(rank: int, world: int, model_name: str, model_config, cfg: EngineConfig,
-                      prompts: list, params: list, use_tqdm: bool) -> list[RequestOutput]:
+                      prompts: list, params: list, use_tqdm: bool, multi_modal=None) -> list[RequestOutput]:
     """One tensor-parallel rank: loads the model and runs the whole engine loop over this
     rank's shard (SPMD)."""
     import torch.distributed as dist
@@ -41,7 +49,7 @@ def _generate_on_rank(rank: int, world: int, model_name: str, model_config, cfg:
     source.config = model_config
     device = f"cuda:{torch.cuda.current_device()}" if cfg.device.startswith("cuda") else cfg.device
     engine = LLMEngine(source, cfg.with_(device=device), TPContext(rank, world, dist.group.WORLD))
-    return run_generate(engine, prompts, params, use_tqdm and rank == 0)
+    return run_generate(engine, prompts, params, use_tqdm and rank == 0, multi_modal)
 
 
 class LLM:
@@ -50,23 +58,46 @@ class LLM:
     model: None (the embedded SmolLM2-135M-Instruct), a .gguf path, or "random:<preset>[?quant=q4_0&seed=N]".
     numerics: "fast" | "batch_invariant" | "tp_invariant" (see exactllm.numerics).
     tensor_parallel_size: N > 1 runs N ranks (gloo on CPU, NCCL on GPUs) for each generate() call.
+
+    Mixture-of-Experts models (random:moe-mini, random:qwen3-vl-30b-a3b; see models/moe.py):
+    enable_expert_parallel: shard the experts over the tensor_parallel_size ranks (required for
+      a MoE model at tensor_parallel_size > 1; attention stays tensor-parallel).
+    load_balancer: "none" | "realb" (overloaded, vision-heavy ranks run their experts in FP8 for
+      the step) | "eplb" (redundant copies of hot experts from a sliding window of past loads).
+    realb_modality_threshold / realb_overload_threshold / realb_low_precision / realb_resident:
+      the ReaLB knobs (balance/realb.py ReaLBConfig); eplb_redundant_experts / eplb_window /
+      eplb_period: the EPLB ones (models/moe.py MoEOptions).
     """
 
     def __init__(self, model: str | None = None, device: str = "cpu", dtype=None, seed: int = 0,
                  numerics: str = "fast", tensor_parallel_size: int = 1, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, block_size: int = 16, num_kv_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None):
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                 enable_expert_parallel: bool = False, load_balancer: str = "none",
+                 realb_modality_threshold: float = 0.7, realb_overload_threshold: float = 0.2,
+                 realb_low_precision: str = "fp8", realb_resident: bool = False,
+                 eplb_redundant_experts: int | None = None, eplb_window: int = 8, eplb_period: int = 1):
         resolve(numerics)  # validate early
         if tensor_parallel_size < 1 or tensor_parallel_size & (tensor_parallel_size - 1):
             raise ValueError(f"tensor_parallel_size must be a power of two >= 1, got {tensor_parallel_size}")
+        from exactllm.balance import ReaLBConfig
+        from exactllm.models.moe import MoEOptions
+        moe = MoEOptions(enable_expert_parallel, load_balancer,
+                         ReaLBConfig(overload_threshold=realb_overload_threshold,
+                                     modality_threshold=realb_modality_threshold,
+                                     low_precision=realb_low_precision, resident=realb_resident),
+                         eplb_redundant_experts, eplb_window, eplb_period)
         torch_dtype = parse_dtype(dtype, device)
         source = resolve_model(model, torch_dtype)
+        moe.validate(source.config, tensor_parallel_size)
         if max_model_len:
             source.config = source.config.__class__(**{**source.config.__dict__, "max_context": max_model_len})
         cfg = EngineConfig(device=device, dtype=torch_dtype, numerics=numerics, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
                            tensor_parallel_size=tensor_parallel_size, seed=seed)
+        if source.config.n_experts:
+            cfg.extra["model_kwargs"] = {"moe": moe}
         cfg_model = source.config
         if cfg_model.n_heads % tensor_parallel_size or cfg_model.n_kv_heads % tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the attention heads "
@@ -79,20 +110,47 @@ class LLM:
 
     def generate(self, prompts: "str | list[int] | Seq[str | list[int]]",
                  sampling_params: "SamplingParams | Seq[SamplingParams] | None" = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (continuous batching); outputs in prompt order."""
+                 use_tqdm: bool = True, multi_modal_data: "dict | Seq[dict | None] | None" = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (continuous batching); outputs in prompt order.
+
+        multi_modal_data: per prompt None or {"image": images} (a dict alone applies to a single
+        prompt); the images' patches go before the prompt's tokens as vision tokens. An image is
+        a tensor [N, hidden] of patch embeddings, an int N (synthetic image of N patches) or
+        {"patches": N, "kind": k, "seed": s}; see exactllm/multimodal.py. MoE models only."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        mm = self._place_images(list(prompts), multi_modal_data)
         if self.engine is None:
             from exactllm.distributed.launch import launch
             return launch(_generate_on_rank, self.config.tensor_parallel_size,
-                          args=(self.source.name, self.source.config, self.config, list(prompts), params, use_tqdm),
+                          args=(self.source.name, self.source.config, self.config, list(prompts), params, use_tqdm,
+                                mm),
                           device=torch.device(self.config.device).type)[0]
-        return run_generate(self.engine, list(prompts), params, use_tqdm)
+        return run_generate(self.engine, list(prompts), params, use_tqdm, mm)
+
+    def _place_images(self, prompts: list, data) -> list | None:
+        if data is None:
+            return None
+        from exactllm.multimodal import place_images
+        cfg = self.source.config
+        if not cfg.n_experts:
+            raise ValueError("multi_modal_data needs a MoE model (modality ids feed its MoE layers)")
+        data = [data] if isinstance(data, dict) else list(data)
+        if len(data) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(data)} multi_modal_data entries")
+        out = []
+        for p, d in zip(prompts, data):
+            if d is None:
+                out.append(None)
+                continue
+            text = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            out.append(place_images(text, d, cfg.hidden, cfg.vocab))
+        return out
 
     def stream(self, prompt: "str | list[int]", sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one completion as tokens arrive (never splitting a UTF-8 character)."""

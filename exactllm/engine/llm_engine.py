@@ -41,7 +41,8 @@ def build_model(source: ModelSource, cfg: EngineConfig, tp: TPContext = TPContex
     from exactllm.models.registry import model_class
     ops = make_ops(cfg.device, resolve(cfg.numerics))
     weights = source.weights_fn(cfg.device)
-    model = model_class(source.config)(source.config, weights, ops, tp, cfg.dtype)
+    model = model_class(source.config)(source.config, weights, ops, tp, cfg.dtype,
+                                       **cfg.extra.get("model_kwargs", {}))
     return model.to(cfg.device).eval()
 
 
@@ -88,10 +89,16 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be a non-empty list of ints in [0, {self.model_config.vocab})")
         return list(prompt)
 
-    def add_request(self, prompt: "str | list[int]", params: SamplingParams, modality_ids=None) -> Sequence:
+    def add_request(self, prompt: "str | list[int]", params: SamplingParams, modality_ids=None,
+                    vision_embeds=None) -> Sequence:
+        """modality_ids: one per prompt token (0 text, 1 vision); vision_embeds [vision tokens,
+        hidden]: the embeddings of the vision tokens, in order (see exactllm/multimodal.py)."""
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        if modality_ids is not None and (len(modality_ids) != len(ids) or vision_embeds is None
+                                         or vision_embeds.shape[0] != sum(modality_ids)):
+            raise ValueError("modality_ids needs one id per prompt token and vision_embeds one row per vision token")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         capacity = self.block_manager.num_blocks * self.cfg.block_size
@@ -102,7 +109,7 @@ class LLMEngine:
         seq_id = next(self._ids)
         seed = params.seed if params.seed is not None else hash((self.cfg.seed, seq_id)) & 0x7FFFFFFF
         seq = Sequence(seq_id, ids, params, seed, prompt if isinstance(prompt, str) else None,
-                       modality_ids=modality_ids)
+                       modality_ids=modality_ids, vision_embeds=vision_embeds)
         self._randoms[seq_id] = SeqRandom(seed)
         self.scheduler.add(seq)
         self.stats["requests"] += 1

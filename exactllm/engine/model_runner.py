@@ -18,13 +18,38 @@ class StepInputs:
     positions: torch.Tensor
     batch: AttnBatch
     logit_rows: torch.Tensor  # rows whose next-token distribution is wanted
+    modality_ids: torch.Tensor | None = None   # [T] int8, 0 text / 1 vision; None: all text
+    vision_embeds: torch.Tensor | None = None  # [vision rows, hidden]: their embeddings, in row order
 
     def to(self, device) -> "StepInputs":
         b = self.batch
+        opt = lambda t: None if t is None else t.to(device)
         return StepInputs(self.input_ids.to(device), self.positions.to(device),
                           AttnBatch(b.cu_seqlens_q.to(device), b.context_lens.to(device),
                                     b.block_tables.to(device), b.slot_mapping.to(device)),
-                          self.logit_rows.to(device))
+                          self.logit_rows.to(device), opt(self.modality_ids), opt(self.vision_embeds))
+
+    def model_kwargs(self) -> dict:
+        """Extra forward arguments: modality ids and vision embeddings, only when the step has them."""
+        if self.modality_ids is None:
+            return {}
+        return {"modality_ids": self.modality_ids, "vision_embeds": self.vision_embeds}
+
+
+def _vision_inputs(chunks: list[ScheduledChunk]):
+    """(modality ids [T] int8, vision rows' embeddings) of a step; (None, None) if all text."""
+    if all(ch.seq.modality_ids is None for ch in chunks):
+        return None, None
+    mods, rows = [], []
+    for ch in chunks:
+        m = ch.seq.modality_ids or []
+        part = [m[p] if p < len(m) else 0 for p in range(ch.start, ch.start + ch.length)]
+        mods.extend(part)
+        n = sum(part)
+        if n:
+            first = sum(m[:ch.start])  # vision rows of this sequence before the chunk
+            rows.append(ch.seq.vision_embeds[first:first + n])
+    return torch.tensor(mods, dtype=torch.int8), (torch.cat(rows) if rows else None)
 
 
 def build_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
@@ -45,7 +70,7 @@ def build_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
     return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
                       AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32),
                                 torch.tensor(tables, dtype=i32), torch.tensor(slots, dtype=torch.long)),
-                      torch.tensor(logit_rows, dtype=torch.long))
+                      torch.tensor(logit_rows, dtype=torch.long), *_vision_inputs(chunks))
 
 
 class ModelRunner:
@@ -58,7 +83,7 @@ class ModelRunner:
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EXACTLLM_CUDA_GRAPHS", "1") != "0"
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True):
             from exactllm.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, kv_caches, self.device, block_size)
 
@@ -66,7 +91,8 @@ class ModelRunner:
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
         """float32 logits [len(logit_rows), vocab] (empty when no chunk completes)."""
         inputs = inputs.to(self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches,
+                            **inputs.model_kwargs())
         return self.model.logits(hidden[inputs.logit_rows])
 
     def step(self, chunks: list[ScheduledChunk], randoms: dict, forward=None) -> list[tuple]:

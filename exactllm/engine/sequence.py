@@ -28,6 +28,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""                 # detokenized output, stop strings applied
     modality_ids: list[int] | None = None
+    vision_embeds: object = None   # tensor [vision tokens, hidden]: their embeddings, in order
 
     @property
     def token_ids(self) -> list[int]:
