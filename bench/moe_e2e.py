@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exactllm.balance import ReaLBConfig  # noqa: E402
+from exactllm.balance import ReaLB, ReaLBConfig  # noqa: E402
 from exactllm.balance.realb import rank_loads  # noqa: E402
 from exactllm.config import EngineConfig, preset  # noqa: E402
 from exactllm.distributed import launch  # noqa: E402
@@ -144,6 +144,9 @@ def worker(rank, world, a):
                             rec["eplb_slots_per_rank"] = net.moe_layers[0].layer.placement.slots_per_rank
                         else:
                             net.set_load_balancer(opts[m])
+                            if m == "realb" and a.force_low:  # every rank FP8 whatever its load
+                                for f in net.moe_layers:
+                                    f.layer.balancer = ReaLB(ReaLBConfig(-1.0, -1.0), f.layer.backend)
                         for f in net.moe_layers:
                             f.trace = []
                         dist.barrier()
@@ -274,6 +277,9 @@ def main(argv=None):
     p.add_argument("--eplb-redundant", type=int, default=None)
     p.add_argument("--eplb-window", type=int, default=4)
     p.add_argument("--proxy-rows", type=int, default=512, help="sampled rows per step for the accuracy proxy")
+    p.add_argument("--force-low", action="store_true",
+                   help="realb column runs every rank's experts in FP8 (the upper bound of ReaLB's error; "
+                        "the only way to exercise FP8 at --ep 1)")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     a.tokens = [int(t) for t in a.tokens.split(",")]
@@ -286,7 +292,7 @@ def main(argv=None):
     summary["meta"] = dict(args=vars(a), date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__,
                            device=torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu")
     os.makedirs(a.out, exist_ok=True)
-    tag = f"moe_e2e_ep{a.ep}" + ("_tiny" if a.tiny else "")
+    tag = f"moe_e2e_ep{a.ep}" + ("_tiny" if a.tiny else "") + ("_all_fp8" if a.force_low else "")
     with open(os.path.join(a.out, tag + ".json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot(summary, os.path.join(a.out, tag + ".png"), a)
