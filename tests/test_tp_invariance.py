@@ -63,3 +63,20 @@ def test_training_gradients_match_autograd_on_the_plain_torch_path():
     for a, b in zip(grads["tp_invariant"], grads["fast"]):
         assert torch.isfinite(a).all()
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+
+
+def _fsdp_logprobs(rank, world, seqs):
+    trainer = TrainModel("random:llama-mini", numerics="tp_invariant").fully_shard()
+    scored = trainer(seqs)
+    (-sum(lp.sum() for lp in scored)).backward()  # the sharded backward runs too
+    return [lp.detach() for lp in scored]
+
+
+def test_fsdp_training_forward_matches_serving(invariant_runs):
+    """FSDP2 over 2 gloo ranks scores the TP=4 served sequences with the same bits."""
+    from exactllm.distributed.launch import launch
+    outs = invariant_runs[4]
+    seqs = [o.prompt_token_ids + o.token_ids for o in outs]
+    for rank_scores in launch(_fsdp_logprobs, 2, args=(seqs,)):
+        for o, lp in zip(outs, rank_scores):
+            assert lp[-len(o.token_ids):].tolist() == o.logprobs

@@ -108,7 +108,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
                  stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                 PRECISION: tl.constexpr, DECODE: tl.constexpr):
+                 PRECISION: tl.constexpr, DECODE: tl.constexpr, INVARIANT: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -151,9 +151,15 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_bt
-    # chunks wholly below the tile's first position are visible to every row: no masks there
-    # (a mask that keeps everything would give the same bits, so this split is invariant)
-    full_end = lo + tl.maximum(tl.minimum(hi, ctx - q_len + t0 + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    # Fast mode: chunks wholly below the tile's first position are visible to every row, so they
+    # skip the masks. Not in the invariant modes: which chunks those are depends on how rows are
+    # tiled (prefill vs decode), and the compiler may contract the unmasked path's scale multiply
+    # and max subtraction into one FMA, which rounds differently (seen on H100: decode and
+    # prefill log-probs parted at a split boundary). Masking every chunk keeps one arithmetic.
+    if INVARIANT:
+        full_end = lo
+    else:
+        full_end = lo + tl.maximum(tl.minimum(hi, ctx - q_len + t0 + 1) - lo, 0) // BLOCK_N * BLOCK_N
     for n0 in range(lo, full_end, BLOCK_N):
         m_i, l_i, acc = _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh,
                                     qk_scale, m_i, l_i, acc, BLOCK_N, PAGE, PRECISION, False)
@@ -277,7 +283,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn, HEAD_DIM=D, PAGE=page, SPLIT=split,
         SPLIT_OUT=split_out, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode,
-        num_warps=warps)
+        INVARIANT=kv_split is not None, num_warps=warps)
     if split_out:
         _combine_kernel[(T,)](ws, ml, out, cu_seqlens_q, context_lens, n_seqs, max(1, n_seqs.bit_length()), T, HQ,
                               out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(HQ),

@@ -35,6 +35,16 @@ class TrainModel(torch.nn.Module):
     def forward(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         return sequence_logprobs(self.model, sequences, self.block_size)
 
+    def fully_shard(self) -> "TrainModel":
+        """Shard parameters over the default process group with FSDP2 (one unit per decoder layer,
+        plus the root). The forward all-gathers the weights it needs, so its arithmetic and its
+        log-prob bits are those of the unsharded model."""
+        from torch.distributed.fsdp import fully_shard
+        for layer in self.model.layers:
+            fully_shard(layer)
+        fully_shard(self)
+        return self
+
 
 def _packed_batch(sequences: list[list[int]], block_size: int, device) -> tuple:
     ids, pos, slots, cu, tables = [], [], [], [0], []
@@ -66,11 +76,12 @@ def sequence_logprobs(model, sequences: list[list[int]], block_size: int = 16) -
     ids, pos, batch, n_blocks = _packed_batch(sequences, block_size, device)
     kv = model.allocate_kv(n_blocks, block_size, model.dtype, device)
     hidden = model(ids, pos, batch, kv)
-    logprobs = model.ops.log_softmax(model.logits(hidden))
+    # The LM head and log-softmax run one sequence at a time: a [tokens, vocab] float32 block for a
+    # whole RL batch would be tens of GB (and past 2^31 elements, where 32-bit indexing breaks).
     out, start = [], 0
     for seq in sequences:
-        rows = torch.arange(start, start + len(seq) - 1, device=device)
+        logprobs = model.ops.log_softmax(model.logits(hidden[start:start + len(seq) - 1]))
         targets = torch.tensor(seq[1:], device=device)
-        out.append(logprobs[rows, targets])
+        out.append(logprobs.gather(1, targets[:, None])[:, 0])
         start += len(seq)
     return out
