@@ -33,15 +33,16 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
-    group = q.shape[1] // k_cache.shape[2]
     for s, length in enumerate(lens):
         rows = slice(cu[s], cu[s + 1])
         n_q = cu[s + 1] - cu[s]
-        k = gather_context(k_cache, block_tables[s], length).repeat_interleave(group, dim=1)
-        v = gather_context(v_cache, block_tables[s], length).repeat_interleave(group, dim=1)
-        q_pos = torch.arange(length - n_q, length, device=q.device)
-        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1).float(), k.transpose(0, 1).float(),
-                                           v.transpose(0, 1).float(), attn_mask=mask, scale=scale)
+        k = gather_context(k_cache, block_tables[s], length).transpose(0, 1).float()
+        v = gather_context(v_cache, block_tables[s], length).transpose(0, 1).float()
+        mask = None  # a single (decode) row sees its whole context
+        if n_q > 1:
+            q_pos = torch.arange(length - n_q, length, device=q.device)
+            mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
         out[rows] = o.transpose(0, 1).to(q.dtype)
     return out

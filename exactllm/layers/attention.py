@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from exactllm.config import ModelConfig
-from exactllm.layers.linear import Linear, shard_weight
+from exactllm.layers.linear import Linear, concat_rows, shard_weight
 from exactllm.layers.ops import Ops
 from exactllm.layers.parallel import TPContext
 
@@ -40,17 +40,18 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads // tp.world
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.q = Linear(shard_weight(weights[f"{prefix}.attn_q.weight"], 0, tp))
-        self.k = Linear(shard_weight(weights[f"{prefix}.attn_k.weight"], 0, tp))
-        self.v = Linear(shard_weight(weights[f"{prefix}.attn_v.weight"], 0, tp))
+        self.qkv = Linear(concat_rows([shard_weight(weights[f"{prefix}.attn_{name}.weight"], 0, tp)
+                                       for name in ("q", "k", "v")]))
         self.o = Linear(shard_weight(weights[f"{prefix}.attn_output.weight"], 1, tp))
 
     def forward(self, x, positions, batch: AttnBatch, kv_cache, rope_tables):
         ops = self.ops
         t = x.shape[0]
-        q = ops.linear(x, self.q.value).view(t, self.n_heads, self.head_dim)
-        k = ops.linear(x, self.k.value).view(t, self.n_kv_heads, self.head_dim)
-        v = ops.linear(x, self.v.value).view(t, self.n_kv_heads, self.head_dim)
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = ops.linear(x, self.qkv.value).split((q_width, kv_width, kv_width), dim=-1)
+        q = q.reshape(t, self.n_heads, self.head_dim)
+        k = k.reshape(t, self.n_kv_heads, self.head_dim)
+        v = v.reshape(t, self.n_kv_heads, self.head_dim)
         cos, sin = rope_tables
         q = ops.rope(q, positions, cos, sin)
         k = ops.rope(k, positions, cos, sin)

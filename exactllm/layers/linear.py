@@ -22,6 +22,17 @@ def shard_weight(w: "torch.Tensor | QuantWeight", dim: int, tp: TPContext):
     return w.narrow(dim, start, end - start).contiguous()
 
 
+def concat_rows(weights: list) -> "torch.Tensor | QuantWeight":
+    """Stack weights [N_i, K] into one [sum N_i, K] so several projections of the same input run
+    as one matmul (q/k/v, gate/up). Each output element's arithmetic is unchanged."""
+    if isinstance(weights[0], QuantWeight):
+        mins = [w.min for w in weights]
+        return QuantWeight(weights[0].qtype, (sum(w.shape[0] for w in weights), weights[0].shape[1]),
+                           torch.cat([w.qs for w in weights]), torch.cat([w.scale for w in weights]),
+                           None if mins[0] is None else torch.cat(mins))
+    return torch.cat(weights)
+
+
 class Linear(nn.Module):
     """Holds one weight [N, K]; dense weights are Parameters (so training can use them),
     quantized ones are buffers (their planes move with .to(device))."""
@@ -39,12 +50,19 @@ class Linear(nn.Module):
             self.qtype = None
             self.shape = tuple(weight.shape)
             self.weight = nn.Parameter(weight, requires_grad=False)
+        self._quant = None  # the QuantWeight view of the buffers, built once per device move
+
+    def _apply(self, fn, *args, **kwargs):
+        self._quant = None  # buffers are replaced by .to()/.cuda(): rebuild the view
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def value(self) -> "torch.Tensor | QuantWeight":
         if self.qtype is None:
             return self.weight
-        return QuantWeight(self.qtype, self.shape, self.qs, self.scale, self.qmin)
+        if self._quant is None:
+            self._quant = QuantWeight(self.qtype, self.shape, self.qs, self.scale, self.qmin)
+        return self._quant
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, type={self.qtype or self.weight.dtype}"

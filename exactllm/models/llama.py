@@ -15,7 +15,7 @@ from exactllm.config import ModelConfig
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels.rope import rope_cache
 from exactllm.layers.attention import Attention, AttnBatch
-from exactllm.layers.linear import Linear, shard_weight
+from exactllm.layers.linear import Linear, concat_rows, shard_weight
 from exactllm.layers.ops import Ops
 from exactllm.layers.parallel import TPContext
 
@@ -33,13 +33,14 @@ class MLP(nn.Module):
     def __init__(self, weights: dict, prefix: str, ops: Ops, tp: TPContext):
         super().__init__()
         self.ops, self.tp = ops, tp
-        self.gate = Linear(shard_weight(weights[f"{prefix}.ffn_gate.weight"], 0, tp))
-        self.up = Linear(shard_weight(weights[f"{prefix}.ffn_up.weight"], 0, tp))
+        self.gate_up = Linear(concat_rows([shard_weight(weights[f"{prefix}.ffn_{name}.weight"], 0, tp)
+                                           for name in ("gate", "up")]))
         self.down = Linear(shard_weight(weights[f"{prefix}.ffn_down.weight"], 1, tp))
 
     def forward(self, x):
         ops = self.ops
-        h = ops.silu_mul(ops.linear(x, self.gate.value), ops.linear(x, self.up.value))
+        gate, up = ops.linear(x, self.gate_up.value).chunk(2, dim=-1)
+        h = ops.silu_mul(gate, up)
         return ops.row_parallel_linear(h, self.down.value, self.tp)
 
 
