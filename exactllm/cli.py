@@ -1,4 +1,4 @@
-"""Command line: exactllm generate | chat | quantize | info | serve | check-determinism."""
+"""Command line: exactllm generate | chat | quantize | info | serve | check-determinism | bench."""
 from __future__ import annotations
 
 import argparse
@@ -138,10 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
 
+    from exactllm.bench_cli import add_parser as add_bench_parser
     from exactllm.check_determinism import add_parser as add_check_parser
     from exactllm.server.cli import add_serve_parser
     add_serve_parser(sub)
     add_check_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -67,3 +67,9 @@ def test_quantize_round_trip_keeps_the_model_working(tmp_path):
     text = LLM(out).generate(["The capital of France is"], SamplingParams(max_tokens=3, temperature=0),
                              use_tqdm=False)[0].text
     assert "Paris" in text
+
+
+def test_bench_runs_the_named_script():
+    r = cli("bench", "cpu", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--threads" in r.stdout and "cpu_generate.py" in r.stdout
