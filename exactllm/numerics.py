@@ -21,8 +21,6 @@ MODES = ("fast", "batch_invariant", "tp_invariant")
 @dataclass(frozen=True)
 class Numerics:
     mode: str = "fast"
-    # Leaf tile of the K-reduction tree in the invariant modes (elements).
-    k_tile: int = 32
     # Fixed KV split size of attention in the invariant modes (tokens).
     kv_split: int = 64
 
