@@ -72,8 +72,13 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.model_config = source.config
         self.max_model_len = source.config.max_context
+        model = build_model(source, cfg, tp)  # first, so the KV pool is sized from what is left
         blocks = num_kv_blocks(source, cfg, cfg.tensor_parallel_size)
-        model = build_model(source, cfg, tp)
+        if tp.world > 1:  # every rank runs the same scheduler: all must have the same pool
+            import torch.distributed as dist
+            count = torch.tensor([blocks], device=cfg.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=tp.group)
+            blocks = int(count.item())
         kv = model.allocate_kv(blocks, cfg.block_size, cfg.dtype, cfg.device)
         self.runner = ModelRunner(model, kv, cfg.device, cfg.block_size)
         self.block_manager = BlockManager(blocks, cfg.block_size)
