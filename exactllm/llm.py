@@ -157,19 +157,22 @@ class LLM:
         if self.engine is None:
             yield self.generate([prompt], sampling_params, use_tqdm=False)[0].text
             return
-        seq = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        params = sampling_params or SamplingParams()
+        seq = self.engine.add_request(prompt, params)
         detok = self.tokenizer.stream()
-        emitted = 0
+        # Hold back text that could be the start of a stop string; the engine's final text decides.
+        hold = max((len(stop) for stop in params.stop), default=1) - 1
+        text, emitted, seen = "", 0, 0
         while not seq.finished:
             self.engine.step()
-            for token in seq.output_token_ids[emitted:]:
-                piece = detok.push(token)
-                if piece:
-                    yield piece
-            emitted = len(seq.output_token_ids)
-        tail = detok.flush()
-        if tail:
-            yield tail
+            for token in seq.output_token_ids[seen:]:
+                text += detok.push(token)
+            seen = len(seq.output_token_ids)
+            if not seq.finished and len(text) - hold > emitted:
+                yield text[emitted:len(text) - hold]
+                emitted = len(text) - hold
+        if len(seq.text) > emitted:
+            yield seq.text[emitted:]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> RequestOutput:

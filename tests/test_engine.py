@@ -154,3 +154,14 @@ def test_eos_finishes_a_chat_reply(default_llm):
     assert out.finish_reason == "stop"
     assert out.token_ids[-1] in default_llm.tokenizer.eos_ids
     assert out.text and "<|im_end|>" not in out.text
+
+
+def test_stream_pieces_add_up_to_the_final_text_and_stop_before_a_stop_string(default_llm):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    full = default_llm.generate(["Count: one, two,"], params, use_tqdm=False)[0].text
+    assert "".join(default_llm.stream("Count: one, two,", params)) == full
+    stop = full[len(full) // 2:][:3]
+    stopped = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+    pieces = list(default_llm.stream("Count: one, two,", stopped))
+    assert "".join(pieces) == default_llm.generate(["Count: one, two,"], stopped, use_tqdm=False)[0].text
+    assert stop not in "".join(pieces)
