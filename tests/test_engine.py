@@ -46,11 +46,20 @@ def test_random_logits_are_not_degenerate(mini_llm):
     assert len(set(out.token_ids)) > 1
 
 
-def test_batched_greedy_equals_one_by_one_in_batch_invariant_mode():
-    llm = LLM("random:llama-mini", numerics="batch_invariant")
+@pytest.mark.parametrize("model", ["random:llama-mini", "random:llama-mini?quant=q8_0"])
+def test_batched_greedy_equals_one_by_one_in_batch_invariant_mode(model):
+    llm = LLM(model, numerics="batch_invariant")
     together = run(llm)
     alone = [run(llm, [p])[0] for p in PROMPTS]
     assert together == alone  # token ids AND log-probs bit-identical
+
+
+def test_fast_mode_quantized_logprobs_do_depend_on_the_batch():
+    """Counterpart for quantized weights: a batch of over 64 rows leaves the fused kernel's path."""
+    llm = LLM("random:llama-mini?quant=q8_0")
+    together = run(llm)
+    alone = [run(llm, [p])[0] for p in PROMPTS]
+    assert [lp for _, lp in together] != [lp for _, lp in alone]
 
 
 def test_fast_mode_logprobs_do_depend_on_the_batch(mini_llm):

@@ -80,3 +80,12 @@ def test_fsdp_training_forward_matches_serving(invariant_runs):
     for rank_scores in launch(_fsdp_logprobs, 2, args=(seqs,)):
         for o, lp in zip(outs, rank_scores):
             assert lp[-len(o.token_ids):].tolist() == o.logprobs
+
+
+def test_training_forward_matches_serving_with_quantized_weights_in_batch_invariant_mode():
+    """The fused CPU kernel (quantized weights) is row-independent: one pass == token by token."""
+    model = "random:llama-mini?quant=q4_1"
+    outs = LLM(model, numerics="batch_invariant").generate(PROMPTS, PARAMS, use_tqdm=False)
+    scored = TrainModel(model, numerics="batch_invariant")([o.prompt_token_ids + o.token_ids for o in outs])
+    for o, lp in zip(outs, scored):
+        assert lp[-len(o.token_ids):].tolist() == o.logprobs

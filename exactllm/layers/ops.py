@@ -3,7 +3,8 @@
 - CPU, fast: the fused quantized matmul of kernels/cpu_qmatmul.py (C, compiled at first use)
   for small batches, plain torch (MKL matmul, SDPA) otherwise.
 - CPU, batch_invariant / tp_invariant: the fixed-binary-tree ops of kernels/tree.py, exact by
-  construction (elementwise products and pairwise adds in one fixed order).
+  construction (elementwise products and pairwise adds in one fixed order); in batch_invariant,
+  quantized linears use the fused C kernel at every M (its per-element order depends on K only).
 - CUDA: Triton kernels (kernels/*_triton.py, imported lazily so CPU-only installs never need
   triton). fast: cuBLAS for dense linears, M-dependent tiles for quantized ones, unsplit prefill
   attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope
 from exactllm.layers.parallel import TPContext
 from exactllm.numerics import Numerics
@@ -38,6 +40,10 @@ class Ops:
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
         if self._exact_cpu:
+            if not self.numerics.tree and isinstance(w, QuantWeight) and cpu_qmatmul.available():
+                # The C kernel's arithmetic per output element is fixed by K alone (no split of K,
+                # no M-dependent path), so it is batch invariant at any M; not TP invariant.
+                return cpu_qmatmul.qmatmul(x, w).to(x.dtype)
             from exactllm.kernels.tree import tree_matmul
             return tree_matmul(x, w, out_dtype=x.dtype)
         if self._cuda and self.numerics.tree:
