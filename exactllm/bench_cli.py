@@ -11,6 +11,7 @@ import sys
 
 SCRIPTS = {
     "throughput": ("throughput.py", "GPU tokens/s vs batch size (JSON + PNG)"),
+    "latency": ("latency.py", "batch-1 time to first token and inter-token latency (CPU or GPU)"),
     "kernels": ("kernels.py", "GPU kernels vs torch/cuBLAS and their rooflines"),
     "invariance": ("invariance_gpu.py", "bit differences across batch sizes, train vs serve, cost of the invariant modes"),
     "tbik": ("tbik_matmul.py", "TBIK tree matmul vs cuBLAS"),
