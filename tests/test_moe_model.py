@@ -176,8 +176,8 @@ def test_bad_combinations_fail_clearly():
         LLM("random:moe-mini", load_balancer="realb")
     with pytest.raises(ValueError, match="realb_modality_threshold"):
         LLM("random:moe-mini", enable_expert_parallel=True, load_balancer="realb", realb_modality_threshold=1.5)
-    with pytest.raises(ValueError, match="only 'fp8'"):
-        LLM("random:moe-mini", enable_expert_parallel=True, load_balancer="realb", realb_low_precision="fp4")
+    with pytest.raises(ValueError, match="use 'fp8' or 'fp4'"):
+        LLM("random:moe-mini", enable_expert_parallel=True, load_balancer="realb", realb_low_precision="fp6")
 
 
 def test_bad_multimodal_input_fails_clearly(ep1, mini_llm):

@@ -7,9 +7,16 @@ more than ``overload_threshold`` and whose vision share exceeds ``modality_thres
 0.7) runs this layer's experts in low precision (FP8 e4m3 on Hopper) for this step: text-heavy
 hot ranks are left in BF16 to protect accuracy. No expert moves, nothing is replicated.
 
-The BF16 -> FP8 weight conversion is issued on a side CUDA stream as soon as the counts are
-known, so it runs under the dispatch all-to-all; the expert GEMMs wait on its event. With
-``resident=True`` the FP8 copy is kept between steps instead (costs memory; reported).
+``low_precision`` picks the format: "fp8" (e4m3 weights with per-channel scales, activations
+quantized per token, FP8 tensor-core GEMMs) or "fp4" (weight-only MXFP4 as gguf defines it,
+dequantized inside the GEMM kernel, BF16 activations and BF16 tensor-core math). Hopper has no
+FP4 tensor cores, so "fp4" only reads fewer weight bytes (4.25 bits per weight); it is less
+accurate than "fp8" and, on compute-bound prefill GEMMs, not faster than BF16.
+
+The BF16 -> FP8 (or FP4) weight conversion is issued on a side CUDA stream as soon as the
+counts are known, so it runs under the dispatch all-to-all; the expert GEMMs wait on its event.
+With ``resident=True`` the low-precision copy is kept between steps instead (costs memory;
+reported).
 """
 from __future__ import annotations
 
@@ -29,8 +36,9 @@ class ReaLBConfig:
     min_load: int = 0  # rows; below it a rank is launch-bound and low precision buys nothing
 
     def __post_init__(self):
-        if self.low_precision != "fp8":
-            raise ValueError(f"low_precision {self.low_precision!r}: only 'fp8' is implemented")
+        if self.low_precision not in ("fp8", "fp4"):
+            raise ValueError(f"low_precision {self.low_precision!r}: use 'fp8' or 'fp4' "
+                             "(weight-only MXFP4; no FP4 tensor cores on Hopper)")
 
 
 def rank_loads(table: torch.Tensor, slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +77,14 @@ class ReaLB:
         return self.last_decision
 
     def start_conversion(self, w13: torch.Tensor, w2: torch.Tensor):
-        """Begin BF16 -> FP8 conversion of this rank's expert weights; returns a handle for
-        :meth:`finish`. On CUDA the work goes to a side stream and overlaps what the caller
-        issues next (the dispatch all-to-all)."""
+        """Begin BF16 -> FP8 / MXFP4 (``cfg.low_precision``) conversion of this rank's expert
+        weights; returns a handle for :meth:`finish`. On CUDA the work goes to a side stream
+        and overlaps what the caller issues next (the dispatch all-to-all)."""
         key = id(w13)
         if self.cfg.resident and key in self._resident:
             return self._resident[key], None
         if w13.device.type != "cuda":
-            out = (quantize_expert_weights(w13, self.backend), quantize_expert_weights(w2, self.backend))
+            out = self._convert(w13, w2)
             if self.cfg.resident:
                 self._resident[key] = out
             return out, None
@@ -85,7 +93,7 @@ class ReaLB:
             self._side = torch.cuda.Stream(w13.device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            out = (quantize_expert_weights(w13, self.backend), quantize_expert_weights(w2, self.backend))
+            out = self._convert(w13, w2)
             done = torch.cuda.Event()
             done.record(self._side)
         for t in (*out[0], *out[1]):
@@ -93,6 +101,10 @@ class ReaLB:
         if self.cfg.resident:
             self._resident[key] = out
         return out, done
+
+    def _convert(self, w13: torch.Tensor, w2: torch.Tensor):
+        fmt = self.cfg.low_precision
+        return tuple(quantize_expert_weights(w, self.backend, fmt) for w in (w13, w2))
 
     @staticmethod
     def finish(handle):

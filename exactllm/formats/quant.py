@@ -24,6 +24,19 @@ on x86 CPUs).
 
 Dequantization is float32 math (as gguf): the result is cast to ``dtype`` afterwards.
 Every product and sum is a separate torch op, so no FMA contraction can change bits.
+
+MXFP4 (qtype "mxfp4", GGML type 39, OCP microscaling) is handled by ``quantize`` /
+``dequantize`` too, and by the plane functions ``quantize_mxfp4`` / ``dequantize_mxfp4`` that
+the MoE kernels use; it is an expert-weight format only, not a ``QuantWeight`` qtype (not in
+``LAYOUTS``: the dense engine's linear kernels do not read it). 17 bytes per 32-block: one E8M0
+exponent byte e, then 16 bytes of E2M1 nibbles in the same order as Q4_0 (byte j: weight j low,
+weight j+16 high). As in gguf the nibble values are stored doubled, {0,1,2,3,4,6,8,12} with the
+sign in bit 3, and the scale halved: x' = kvalue * 2^(e-128). Quantization: m = max|x|,
+e = floor(log2 m) - 2 + 127 (log2 rounded to float32, as numpy computes it: just below a power
+of two it rounds up), or 0 for an all-zero block; each weight takes the nibble that minimizes
+the float32 |d*kvalue - x| (first nibble on ties, so ties go to the smaller magnitude and zero
+is nibble 0, not 8); values past the grid's end clip to +-12*2^(e-128). For m below 2^-125
+gguf's exponent is negative and wraps modulo 256 on the cast to uint8; this does the same.
 """
 from __future__ import annotations
 
@@ -60,6 +73,12 @@ LAYOUTS: dict[str, BlockLayout] = {
     "q4_1": BlockLayout("q4_1", BLOCK, 2 + 2 + BLOCK // 2, 3),
     "q8_0": BlockLayout("q8_0", BLOCK, 2 + BLOCK, 8),
 }
+
+
+MXFP4_TYPE_SIZE = 17  # bytes per 32-block: E8M0 exponent + 16 bytes of nibbles
+MXFP4_GGML_TYPE = 39
+E2M1_X2 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # doubled E2M1 values
+_MXFP4_CHUNK = 1 << 14  # blocks per quantization pass (bounds the [blocks, 32, 16] error table)
 
 
 def layout(qtype: str) -> BlockLayout:
@@ -138,8 +157,49 @@ def _assemble(qs: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None) ->
     return raw.reshape(*raw.shape[:-2], -1)
 
 
+def e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """E8M0 byte -> 2^(e-128) in float32 (gguf's e8m0_to_fp32_half; 2^-128 and 2^-127 are subnormal)."""
+    e32 = e.to(torch.int32)
+    bits = torch.where(e32 < 2, torch.full_like(e32, 0x00200000) << e32, (e32 - 1) << 23)
+    return bits.view(torch.float32)
+
+
+def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> planes (qs uint8 [..., K//2] in GGUF nibble order, e uint8 [..., K//32])."""
+    blocks = _blocks(x)
+    lead, nb = blocks.shape[:-2], blocks.shape[-2]
+    flat = blocks.reshape(-1, BLOCK)
+    m = flat.abs().amax(-1)
+    log2m = torch.log2(m.double()).float()  # correctly rounded to float32 (numpy's float32 log2)
+    e = torch.where(m > 0, torch.floor(log2m) - 2 + 127, torch.zeros_like(m))
+    e = (e.to(torch.int32) & 0xFF).to(torch.uint8)  # wraps a negative exponent as gguf's cast does
+    d = e8m0_half(e)
+    kv = torch.tensor(E2M1_X2, dtype=torch.float32, device=x.device)
+    q = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
+    for i in range(0, flat.shape[0], _MXFP4_CHUNK):
+        sl = slice(i, i + _MXFP4_CHUNK)
+        err = (d[sl, None, None] * kv - flat[sl, :, None]).abs()  # [b, 32, 16], float32 like gguf
+        q[sl] = err.argmin(-1).to(torch.uint8)  # first minimum on ties, like numpy
+    qs = _pack_nibbles(q).reshape(*lead, nb * (BLOCK // 2))
+    return qs, e.reshape(*lead, nb)
+
+
+def dequantize_mxfp4(qs: torch.Tensor, e: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Planes of :func:`quantize_mxfp4` -> [..., K]: kvalue * 2^(e-128) in float32, then cast."""
+    lead, nb = e.shape[:-1], e.shape[-1]
+    q = _unpack_nibbles(qs, lead, nb)  # [..., nb, 2, 16]
+    kv = torch.tensor(E2M1_X2, dtype=torch.float32, device=qs.device)
+    out = kv[q.long()] * e8m0_half(e)[..., None, None]
+    out = out.reshape(*lead, nb * BLOCK)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
 def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     """x [..., K] (any float dtype; computed in float32) -> raw GGUF bytes uint8 [..., K//32*type_size]."""
+    if qtype == "mxfp4":
+        qs, e = quantize_mxfp4(x)
+        raw = torch.cat((e.unsqueeze(-1), qs.reshape(*e.shape, BLOCK // 2)), dim=-1)
+        return raw.reshape(*raw.shape[:-2], -1)
     return _assemble(*_quantize_planes(_blocks(x), qtype))
 
 
@@ -220,6 +280,13 @@ def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32
 
     ``out``: optional preallocated float32 [..., K] to write into (then dtype must be float32).
     """
+    if qtype == "mxfp4":
+        if raw.dtype != torch.uint8 or raw.shape[-1] % MXFP4_TYPE_SIZE:
+            raise ValueError(f"raw must be uint8 rows of whole {MXFP4_TYPE_SIZE}-byte mxfp4 blocks, "
+                             f"got {raw.dtype} {tuple(raw.shape)}")
+        b = raw.reshape(*raw.shape[:-1], -1, MXFP4_TYPE_SIZE)
+        vals = dequantize_mxfp4(b[..., 1:].reshape(*raw.shape[:-1], -1), b[..., 0], dtype)
+        return vals if out is None else out.copy_(vals)
     return _dequantize_planes(*_split(raw, qtype), qtype, dtype, out)
 
 
@@ -241,6 +308,9 @@ class QuantWeight:
     min: torch.Tensor | None = None
 
     def __post_init__(self):
+        if self.qtype == "mxfp4":
+            raise ValueError("mxfp4 is an expert-weight format (quantize_mxfp4 / kernels.moe_gemm), "
+                             "not a QuantWeight qtype: the dense linear kernels do not read it")
         lay = layout(self.qtype)
         n, k = self.shape
         if k % BLOCK != 0:

@@ -8,6 +8,13 @@ FP8 path: ``a`` is float8_e4m3fn with one fp32 scale per row (per token), ``w`` 
 float8_e4m3fn with one fp32 scale per output channel ([E, N]); out = (a_q @ w_q.T) * sa * sw,
 accumulated in fp32 on Hopper's FP8 tensor cores.
 
+FP4 path (weight-only): ``w`` is MXFP4 as gguf defines it (formats/quant.py), split in planes
+``w_qs`` uint8 [E, N, K//2] (GGUF nibble order per 32-block) and ``w_e`` uint8 [E, N, K//32]
+(E8M0 exponents); the kernel dequantizes each weight tile in registers to the activation dtype
+(exact: a value has at most 2 significant bits) and runs a 16-bit (or fp32) tensor-core dot with
+fp32 accumulation. Hopper has no FP4 tensor cores, so FP4 here saves weight bytes (4.25 bits
+per weight), not math; activations stay BF16.
+
 Every output row depends only on its own input row, the expert's weights and a fixed K tiling
 chosen from (N, K) alone, so the kernel is batch invariant by construction: the same token gives
 the same bits whatever else was routed to its expert.
@@ -22,6 +29,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from exactllm.formats.quant import dequantize_mxfp4, quantize_mxfp4
 
 try:
     import triton
@@ -70,6 +79,12 @@ def grouped_gemm_ref(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None, 
     if out_rows is not None:
         out = torch.empty_like(out).index_copy_(0, out_rows, out)
     return out
+
+
+def grouped_gemm_mxfp4_ref(a, w_qs, w_e, offsets, out_dtype=None, a_rows=None, out_rows=None):
+    """:func:`grouped_gemm_ref` with MXFP4 expert weights (planes w_qs [E, N, K//2], w_e [E, N, K//32])."""
+    return grouped_gemm_ref(a, dequantize_mxfp4(w_qs, w_e), offsets, out_dtype=out_dtype or a.dtype,
+                            a_rows=a_rows, out_rows=out_rows)
 
 
 def silu_mul_ref(h: torch.Tensor, quant: bool = False):
@@ -127,6 +142,60 @@ if triton is not None:
             sa = tl.load(a_scale_ptr + ra, mask=m_ok, other=0.0)
             sw = tl.load(w_scale_ptr + e * N + rn, mask=n_ok, other=0.0)
             acc = acc * sa[:, None] * sw[None, :]
+        o_ptrs = out_ptr + ro[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _mxfp4_tile(qs_ptr, e_ptr, rn, kk, ok, stride_qn, stride_en):
+        """Weight tile [BLOCK_K, BLOCK_N] (k-major) of one expert's MXFP4 planes, in fp32.
+
+        Weight k of a row sits in byte (k//32)*16 + k%16, low nibble for k%32 < 16, else high;
+        its value is the doubled E2M1 kvalue times 2^(e-128) (see formats/quant.py)."""
+        byte = (kk // 32) * 16 + (kk % 16)
+        shift = ((kk // 16) % 2) * 4
+        qb = tl.load(qs_ptr + rn[None, :].to(tl.int64) * stride_qn + byte[:, None], mask=ok, other=0)
+        nib = (qb.to(tl.int32) >> shift[:, None]) & 15
+        mag = nib & 7
+        big = (2 + (mag & 1)) << tl.maximum((mag >> 1) - 1, 0)  # 4 6 8 12 for mag 4..7
+        val = tl.where(mag < 4, mag, big).to(tl.float32)
+        val = tl.where(nib > 8, -val, val)
+        ex = tl.load(e_ptr + rn[None, :].to(tl.int64) * stride_en + (kk // 32)[:, None], mask=ok, other=0)
+        ex = ex.to(tl.int32)
+        bits = tl.where(ex < 2, 0x00200000 << ex, (ex - 1) << 23)
+        return val * bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _grouped_gemm_mxfp4_kernel(a_ptr, qs_ptr, e_ptr, out_ptr, offsets_ptr, tile_expert_ptr, tile_first_ptr,
+                                   a_rows_ptr, out_rows_ptr, N, K, E, stride_am, stride_qe, stride_qn,
+                                   stride_ee, stride_en, stride_om,
+                                   GATHER: tl.constexpr, SCATTER: tl.constexpr, PRECISION: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Same tiling and tile map as _grouped_gemm_kernel; only the weight load differs.
+        pid_n = tl.program_id(0)
+        tile = tl.program_id(1)
+        e = tl.load(tile_expert_ptr + tile)
+        if e >= E:
+            return
+        row0 = tl.load(offsets_ptr + e) + (tile - tl.load(tile_first_ptr + e)) * BLOCK_M
+        row_end = tl.load(offsets_ptr + e + 1)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < row_end
+        n_ok = rn < N
+        ra = tl.load(a_rows_ptr + rm, mask=m_ok, other=0) if GATHER else rm
+        ro = tl.load(out_rows_ptr + rm, mask=m_ok, other=0) if SCATTER else rm
+        a_ptrs = a_ptr + ra[:, None].to(tl.int64) * stride_am + rk[None, :]
+        qs_base = qs_ptr + e.to(tl.int64) * stride_qe
+        e_base = e_ptr + e.to(tl.int64) * stride_ee
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = _mxfp4_tile(qs_base, e_base, rn, kk, k_ok[:, None] & n_ok[None, :], stride_qn, stride_en)
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
         o_ptrs = out_ptr + ro[:, None].to(tl.int64) * stride_om + rn[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -213,6 +282,32 @@ def grouped_gemm(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None, a_ro
     return out
 
 
+def grouped_gemm_mxfp4(a, w_qs, w_e, offsets, out_dtype=None, a_rows=None, out_rows=None):
+    """Triton grouped GEMM with in-kernel MXFP4 dequantization; same signature and meaning as
+    :func:`grouped_gemm_mxfp4_ref`. fp32 activations use an IEEE fp32 dot (no TF32)."""
+    assert a.stride(-1) == 1 and w_qs.stride(-1) == 1 and w_e.stride(-1) == 1
+    out_dtype = out_dtype or a.dtype
+    M, K = a.shape
+    E, N, _ = w_qs.shape
+    assert K % 32 == 0 and w_qs.shape[-1] == K // 2 and w_e.shape == (E, N, K // 32)
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0:
+        return out
+    cfg = _gemm_config(N, K, False)
+    cfg["BLOCK_K"] = max(cfg["BLOCK_K"], 32)  # whole 32-blocks per K step
+    bm = cfg["BLOCK_M"]
+    max_tiles = triton.cdiv(M, bm) + E
+    tile_expert, tile_first = tile_map(offsets, bm, max_tiles)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), max_tiles)
+    _grouped_gemm_mxfp4_kernel[grid](
+        a, w_qs, w_e, out, offsets, tile_expert, tile_first,
+        a_rows if a_rows is not None else offsets, out_rows if out_rows is not None else offsets, N, K, E,
+        a.stride(0), w_qs.stride(0), w_qs.stride(1), w_e.stride(0), w_e.stride(1), out.stride(0),
+        GATHER=a_rows is not None, SCATTER=out_rows is not None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
+    return out
+
+
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`quantize_rows_fp8_ref` (one pass: read row, amax, write fp8)."""
     K = x.shape[-1]
@@ -249,7 +344,14 @@ def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "tor
 
     ``w13`` is [E, 2F, H] (gate rows then up rows), ``w2`` [E, H, F]. For precision="fp8" the
     weights are pairs (fp8 tensor, per-channel scale) and activations are quantized per token.
+    For precision="fp4" the weights are MXFP4 plane pairs (qs, e) and activations stay in x.dtype.
     """
+    if precision == "fp4":
+        gemm4 = grouped_gemm_mxfp4 if backend == "triton" else grouped_gemm_mxfp4_ref
+        act = silu_mul if backend == "triton" else silu_mul_ref
+        (q13, e13), (q2, e2) = w13, w2
+        h = gemm4(x, q13, e13, offsets, a_rows=rows)
+        return gemm4(act(h), q2, e2, offsets, out_rows=rows)
     gemm = grouped_gemm if backend == "triton" else grouped_gemm_ref
     act = silu_mul if backend == "triton" else silu_mul_ref
     quant = quantize_rows_fp8 if backend == "triton" else quantize_rows_fp8_ref
@@ -263,6 +365,11 @@ def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "tor
     return gemm(act(h), w2, offsets, out_rows=rows)
 
 
-def quantize_expert_weights(w: torch.Tensor, backend: str = "torch"):
-    """BF16 [E, N, K] -> (fp8 [E, N, K], per-output-channel scale [E, N])."""
+def quantize_expert_weights(w: torch.Tensor, backend: str = "torch", fmt: str = "fp8"):
+    """BF16 [E, N, K] -> fmt "fp8": (fp8 [E, N, K], per-output-channel scale [E, N]);
+    fmt "fp4": MXFP4 planes (qs uint8 [E, N, K//2], e uint8 [E, N, K//32]) (torch on every backend)."""
+    if fmt == "fp4":
+        return quantize_mxfp4(w)
+    if fmt != "fp8":
+        raise ValueError(f"unknown low-precision format {fmt!r}; use 'fp8' or 'fp4'")
     return (quantize_rows_fp8 if backend == "triton" else quantize_rows_fp8_ref)(w)

@@ -126,7 +126,8 @@ class MoELayer:
         perm = torch.argsort(recv_slot, stable=True)  # expert-sorted order, gathered in the GEMM
         if low:
             w13, w2 = ReaLB.finish(handle)
-            y_recv = expert_ffn(recv_x, offsets, w13, w2, "fp8", self.backend, rows=perm)
+            y_recv = expert_ffn(recv_x, offsets, w13, w2, self.balancer.cfg.low_precision, self.backend,
+                                rows=perm)
         else:
             y_recv = expert_ffn(recv_x, offsets, self.w13, self.w2, "bf16", self.backend, rows=perm)
         self._mark("experts")
