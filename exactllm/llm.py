@@ -1,13 +1,13 @@
 """The offline API: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Sequence as Seq
 
 import torch
 
 from exactllm.config import EngineConfig, parse_dtype
 from exactllm.engine.llm_engine import LLMEngine, RequestOutput
-from exactllm.layers.parallel import TPContext
 from exactllm.models.loader import resolve_model
 from exactllm.numerics import resolve
 from exactllm.sampling_params import SamplingParams
@@ -40,24 +40,15 @@ def run_generate(engine: LLMEngine, prompts: list, params: list[SamplingParams],
     return [engine.output(s) for s in seqs]
 
 
-def _generate_on_rank(rank: int, world: int, model_name: str, model_config, cfg: EngineConfig,
-                      prompts: list, params: list, use_tqdm: bool, multi_modal=None) -> list[RequestOutput]:
-    """One tensor-parallel rank: loads the model and runs the whole engine loop over this
-    rank's shard (SPMD)."""
-    import torch.distributed as dist
-    source = resolve_model(model_name, cfg.dtype)
-    source.config = model_config
-    device = f"cuda:{torch.cuda.current_device()}" if cfg.device.startswith("cuda") else cfg.device
-    engine = LLMEngine(source, cfg.with_(device=device), TPContext(rank, world, dist.group.WORLD))
-    return run_generate(engine, prompts, params, use_tqdm and rank == 0, multi_modal)
-
-
 class LLM:
     """Load a model and generate from it.
 
     model: None (the embedded SmolLM2-135M-Instruct), a .gguf path, or "random:<preset>[?quant=q4_0&seed=N]".
     numerics: "fast" | "batch_invariant" | "tp_invariant" (see exactllm.numerics).
-    tensor_parallel_size: N > 1 runs N ranks (gloo on CPU, NCCL on GPUs) for each generate() call.
+    tensor_parallel_size: N > 1 shards the model over N ranks (gloo on CPU, NCCL with one GPU per
+      rank): this process is rank 0 and N-1 worker processes are started once (engine/tp_workers.py);
+      close() (or a with block, or interpreter exit) stops them. Under torchrun every process of
+      the job is one rank and must make the same calls.
 
     Mixture-of-Experts models (random:moe-mini, random:qwen3-vl-30b-a3b; see models/moe.py):
     enable_expert_parallel: shard the experts over the tensor_parallel_size ranks (required for
@@ -104,9 +95,28 @@ class LLM:
                              f"({cfg_model.n_heads} query, {cfg_model.n_kv_heads} key/value)")
         self.source, self.config = source, cfg
         self.tokenizer = source.tokenizer
-        # With tensor parallelism every rank runs the whole engine loop on its shard (SPMD), in
-        # worker processes started per generate() call; without it the engine lives here.
-        self.engine = LLMEngine(source, cfg) if tensor_parallel_size == 1 else None
+        self.pool = None
+        if tensor_parallel_size == 1:
+            self.engine = LLMEngine(source, cfg)
+        else:
+            from exactllm.distributed.launch import under_torchrun
+            from exactllm.engine import tp_workers
+            if under_torchrun():
+                self.engine = tp_workers.spmd_engine(source, cfg)
+            else:
+                self.pool, self.engine = tp_workers.start_pool(source, cfg)
+                weakref.finalize(self, self.pool.close)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (no-op without them); the LLM is unusable after."""
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: "str | list[int] | Seq[str | list[int]]",
                  sampling_params: "SamplingParams | Seq[SamplingParams] | None" = None,
@@ -125,12 +135,6 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         mm = self._place_images(list(prompts), multi_modal_data)
-        if self.engine is None:
-            from exactllm.distributed.launch import launch
-            return launch(_generate_on_rank, self.config.tensor_parallel_size,
-                          args=(self.source.name, self.source.config, self.config, list(prompts), params, use_tqdm,
-                                mm),
-                          device=torch.device(self.config.device).type)[0]
         return run_generate(self.engine, list(prompts), params, use_tqdm, mm)
 
     def _place_images(self, prompts: list, data) -> list | None:
@@ -154,9 +158,6 @@ class LLM:
 
     def stream(self, prompt: "str | list[int]", sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one completion as tokens arrive (never splitting a UTF-8 character)."""
-        if self.engine is None:
-            yield self.generate([prompt], sampling_params, use_tqdm=False)[0].text
-            return
         params = sampling_params or SamplingParams()
         seq = self.engine.add_request(prompt, params)
         detok = self.tokenizer.stream()

@@ -67,8 +67,12 @@ def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class LLMEngine:
-    def __init__(self, source: ModelSource, cfg: EngineConfig, tp: TPContext = TPContext()):
+    def __init__(self, source: ModelSource, cfg: EngineConfig, tp: TPContext = TPContext(), wrap_runner=None):
+        """tp.world > 1: either every rank runs this loop and follows rank 0's tokens (SPMD,
+        torchrun), or, with wrap_runner (engine/tp_workers.py), this is rank 0 driving worker
+        ranks: wrap_runner(runner) returns a runner whose forward runs on all ranks."""
         self.source, self.cfg, self.tp = source, cfg, tp
+        self.spmd = tp.world > 1 and wrap_runner is None
         self.tokenizer = source.tokenizer
         self.model_config = source.config
         self.max_model_len = source.config.max_context
@@ -81,6 +85,8 @@ class LLMEngine:
             blocks = int(count.item())
         kv = model.allocate_kv(blocks, cfg.block_size, cfg.dtype, cfg.device)
         self.runner = ModelRunner(model, kv, cfg.device, cfg.block_size)
+        if wrap_runner is not None:
+            self.runner = wrap_runner(self.runner)
         self.block_manager = BlockManager(blocks, cfg.block_size)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self._ids = itertools.count()
@@ -139,7 +145,7 @@ class LLMEngine:
                 raise RuntimeError("the KV cache is too small to make progress on any request")
             return []
         results = self.runner.step(chunks, self._randoms)
-        if self.tp.world > 1:  # every rank runs this loop; all follow rank 0's tokens
+        if self.spmd:  # every rank runs this loop; all follow rank 0's tokens
             results = self._follow_rank0(results)
         for ch in chunks:
             ch.seq.num_computed = ch.start + ch.length

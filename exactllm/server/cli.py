@@ -19,6 +19,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--numerics", default="fast", choices=["fast", "batch_invariant", "tp_invariant"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel ranks: worker processes on this host (one GPU each on CUDA)")
     p.add_argument("--api-key", default=os.environ.get("EXACTLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $EXACTLLM_API_KEY; none: open)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine batches at once")
@@ -53,6 +55,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, on_term)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, numerics=args.numerics,
+              tensor_parallel_size=args.tp,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
     name = args.served_model_name or served_model_name(args.model)
