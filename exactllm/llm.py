@@ -53,7 +53,8 @@ class LLM:
     Mixture-of-Experts models (random:moe-mini, random:qwen3-vl-30b-a3b; see models/moe.py):
     enable_expert_parallel: shard the experts over the tensor_parallel_size ranks (required for
       a MoE model at tensor_parallel_size > 1; attention stays tensor-parallel).
-    load_balancer: "none" | "realb" (overloaded, vision-heavy ranks run their experts in FP8 for
+    load_balancer: "none" | "realb" (overloaded, vision-heavy ranks run their experts in low precision,
+      realb_low_precision "fp8" or "fp4" (weight-only MXFP4: Hopper has no FP4 tensor cores), for
       the step) | "eplb" (redundant copies of hot experts from a sliding window of past loads).
     realb_modality_threshold / realb_overload_threshold / realb_low_precision / realb_resident:
       the ReaLB knobs (balance/realb.py ReaLBConfig); eplb_redundant_experts / eplb_window /

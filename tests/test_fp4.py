@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from exactllm.balance import ReaLB, ReaLBConfig
 from exactllm.balance.workload import bias_router, make_batch, vision_direction
@@ -233,6 +234,8 @@ SHAPE = dict(hidden=64, n_experts=8, top_k=2, expert_ffn_dim=32, shared_expert_f
 
 def _layer(**kw):
     """bf16 layer with vision tokens biased towards experts 0 and 1 (both on rank 0 at EP = 2)."""
+    if dist.is_initialized():  # inside an EP worker: experts are sharded over all ranks
+        kw.setdefault("group", dist.group.WORLD)
     layer = MoELayer(**{**SHAPE, **kw})
     layer.router_w = bias_router(layer.router_w, torch.tensor([0, 1]), vision_direction(64).to(layer.dtype), 3.0)
     return layer

@@ -6,6 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from exactllm.balance import ReaLB, ReaLBConfig
 from exactllm.balance.eplb import rebalance
@@ -164,6 +165,8 @@ VISION_EXPERTS = torch.tensor([0, 1])  # on rank 0 at EP = 2 and 4
 
 def _layer(**kw):
     """The test layer, with vision tokens biased towards experts 0 and 1."""
+    if dist.is_initialized():  # inside an EP worker: experts are sharded over all ranks
+        kw.setdefault("group", dist.group.WORLD)
     layer = MoELayer(**{**SHAPE, **kw})
     layer.router_w = bias_router(layer.router_w, VISION_EXPERTS, vision_direction(64).to(layer.dtype), 3.0)
     return layer

@@ -69,8 +69,9 @@ class Placement:
 
 
 def world(group) -> tuple[int, int]:
-    """(rank, size) of ``group``; (0, 1) without one."""
-    if group is None and not (dist.is_available() and dist.is_initialized()):
+    """(rank, size) of ``group``; (0, 1) without one (None means no expert parallelism, even when a
+    default process group exists, e.g. a tensor-parallel worker pool's)."""
+    if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
