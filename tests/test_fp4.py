@@ -18,22 +18,9 @@ from exactllm.formats.quant import (MXFP4_GGML_TYPE, MXFP4_TYPE_SIZE, QuantWeigh
                                     dequantize_mxfp4, quantize, quantize_mxfp4)
 from exactllm.kernels import moe_gemm as mg
 from exactllm.layers.moe import MoELayer
+from moe_testing import COUNTS, offsets, rel
 
 MX = gguf.GGMLQuantizationType.MXFP4
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-def _offsets(counts):
-    o = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    o[1:] = torch.tensor(counts).cumsum(0)
-    return o
-
-
-COUNTS = [5, 0, 23, 1, 17]  # an empty expert, a one-row expert, rows across tile boundaries
 
 
 # ----------------------------------------------------------------------------- block codec
@@ -125,7 +112,7 @@ def _float64_gemm(a, qs, e, counts):
 
 
 def test_mxfp4_gemm_ref_matches_float64():
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     a = torch.randn(int(off[-1]), 64)
     qs, e = _fp4_weights(len(COUNTS), 24, 64)
     ref = _float64_gemm(a, qs, e, COUNTS)
@@ -140,7 +127,7 @@ def test_mxfp4_gemm_triton_vs_float64(dtype, bound):
     # fp16 stands in for bf16 (the interpreter mis-computes bf16 tl.dot). The in-kernel weight
     # tile is exact in the activation dtype, so the only error is fp32 accumulation: bound 1e-6
     # relative L2 against float64 on the same (fp16-rounded) inputs; fp32 uses an IEEE dot.
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     a = torch.randn(int(off[-1]), 96).to(dtype)  # K = 3 blocks: a partial last K tile at BLOCK_K 64
     qs, e = _fp4_weights(len(COUNTS), 40, 96)
     out = mg.grouped_gemm_mxfp4(a, qs, e, off, out_dtype=torch.float32)
@@ -154,7 +141,7 @@ def test_mxfp4_gemm_triton_vs_float64(dtype, bound):
 
 
 def test_mxfp4_gemm_gather_scatter_rows():
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     M = int(off[-1])
     a = torch.randn(M, 64).half()
     perm = torch.randperm(M)
@@ -176,7 +163,7 @@ def _experts(E, H, Fd, seed=0):
 
 
 def test_fp4_expert_ffn_triton_matches_torch():
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     x = torch.randn(int(off[-1]), 64).half()
     fp4 = [mg.quantize_expert_weights(w.half(), "triton", "fp4") for w in _experts(len(COUNTS), 64, 32)]
     perm = torch.randperm(int(off[-1]))
@@ -192,7 +179,7 @@ FP4_BOUND = 0.30
 
 def test_fp4_experts_within_bound_and_worse_than_fp8():
     H, Fd = 256, 128
-    off = _offsets([40, 70, 0, 90])
+    off = offsets([40, 70, 0, 90])
     x = torch.randn(int(off[-1]), H)
     w13, w2 = _experts(4, H, Fd)
     ref = mg.expert_ffn(x, off, w13, w2)

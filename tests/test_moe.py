@@ -14,27 +14,14 @@ from exactllm.balance.workload import bias_router, make_batch, vision_direction
 from exactllm.distributed import launch
 from exactllm.kernels import moe_gemm as mg
 from exactllm.layers.moe import MoELayer
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-def _offsets(counts):
-    o = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    o[1:] = torch.tensor(counts).cumsum(0)
-    return o
-
-
-COUNTS = [5, 0, 23, 1, 17]  # an empty expert, a one-row expert, rows across tile boundaries
+from moe_testing import COUNTS, offsets, rel
 
 
 # ----------------------------------------------------------------------------- kernels
 
 def test_grouped_gemm_ref_matches_float64_loop():
     N, K = 24, 40
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     a = torch.randn(int(off[-1]), K)
     w = torch.randn(len(COUNTS), N, K)
     out = mg.grouped_gemm_ref(a, w, off)
@@ -46,7 +33,7 @@ def test_grouped_gemm_ref_matches_float64_loop():
 def test_grouped_gemm_triton_16bit():
     # fp16: the Triton 3.9 interpreter computes bf16 tl.dot wrongly (bf16 is checked on GPU).
     N, K = 40, 48
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     a = torch.randn(int(off[-1]), K).half()
     w = torch.randn(len(COUNTS), N, K).half()
     out = mg.grouped_gemm(a, w, off, out_dtype=torch.float32)
@@ -55,7 +42,7 @@ def test_grouped_gemm_triton_16bit():
 
 def test_grouped_gemm_triton_fp8_scaled():
     N, K = 40, 48
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     M = int(off[-1])
     aq, sa = mg.quantize_rows_fp8_ref(torch.randn(M, K) * 3)
     wq, sw = mg.quantize_rows_fp8_ref(torch.randn(len(COUNTS), N, K) * 0.1)
@@ -91,7 +78,7 @@ def _experts(E, H, Fd, dtype=torch.float32):
 
 def test_expert_ffn_triton_matches_torch():
     H, Fd = 32, 48
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     x = torch.randn(int(off[-1]), H).half()
     w13, w2 = _experts(len(COUNTS), H, Fd, torch.half)
     ref = mg.expert_ffn(x.float(), off, w13.float(), w2.float())
@@ -110,7 +97,7 @@ FP8_BOUND = 0.08
 
 def test_fp8_experts_within_bound_of_full_precision():
     H, Fd = 256, 128
-    off = _offsets([40, 70, 0, 90])
+    off = offsets([40, 70, 0, 90])
     x = torch.randn(int(off[-1]), H)
     w13, w2 = _experts(4, H, Fd)
     ref = mg.expert_ffn(x, off, w13, w2)
@@ -213,7 +200,7 @@ def test_expert_parallel_matches_single_process(world):
 def test_expert_ffn_gather_scatter_rows():
     """rows=perm: the GEMMs gather unsorted input rows and scatter outputs back to them."""
     H, Fd = 32, 48
-    off = _offsets(COUNTS)
+    off = offsets(COUNTS)
     M = int(off[-1])
     x = torch.randn(M, H).half()
     perm = torch.randperm(M)

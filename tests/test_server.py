@@ -15,10 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -27,7 +24,8 @@ import pytest
 
 from exactllm import LLM, SamplingParams
 from exactllm.server.app import create_app
-from exactllm.server.runner import ServerThread, free_port
+from exactllm.server.runner import ServerThread
+from serve_process import start_serve
 
 MINI = "random:llama-mini"
 KEY = "sk-test-7f3a9c"  # the mini server requires it
@@ -315,22 +313,8 @@ def test_engine_fault_is_a_500_body_and_server_recovers(mini, monkeypatch):
 
 
 def test_sigterm_drains_in_flight_stream():
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "exactllm", "serve", "--model", MINI, "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve("--model", MINI)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
         body = {"model": MINI, "prompt": "drain me", "max_tokens": 48, "ignore_eos": True, "temperature": 0,
                 "logprobs": 0, "stream": True}
         tokens, done, termed = 0, False, False

@@ -7,9 +7,6 @@ broken (and thereby closed) by the failure test before the close test opens a ne
 """
 import json
 import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -17,7 +14,7 @@ import torch.distributed as dist
 
 from exactllm import LLM, SamplingParams
 from exactllm.distributed.launch import WorkerError
-from exactllm.server.runner import free_port
+from serve_process import start_serve
 
 MINI = "random:llama-mini"
 PROMPTS = ["Tensor parallel", "gives the same bits"]
@@ -80,23 +77,8 @@ def test_stream_at_tp2_steps_the_shared_engine(tp2):
 def test_server_at_tp2_matches_generate_at_tp1(reference):
     """`exactllm serve --tp 2` (own process, own pool): a streamed greedy completion has the
     same log-probs, bit for bit, as LLM.generate at TP 1 in tp_invariant mode."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exactllm", "serve", "--model", MINI, "--port", str(port),
-                             "--tp", "2", "--numerics", "tp_invariant", "--log-level", "warning"],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve("--model", MINI, "--tp", "2", "--numerics", "tp_invariant")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
         body = {"model": MINI, "prompt": "serve it", "max_tokens": 8, "ignore_eos": True, "temperature": 0,
                 "logprobs": 0, "stream": True}
         logprobs = []
