@@ -280,7 +280,8 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
                                                              max_tokens_default=16)
         rid, t0 = new_id("cmpl"), now()
 
-        def logprobs_of(ev: Event, offset: int):
+        def logprobs_of(ev, offset: int):
+            """OpenAI completion logprobs of a stream event or a final output (both carry token_ids, logprobs)."""
             if body.logprobs is None:
                 return None
             return completion_logprobs([token_str(t) for t in ev.token_ids], ev.logprobs, offset)
@@ -293,10 +294,8 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
             for i in range(len(gens)):
                 out = finals[i].output
                 completion_tokens += len(out.token_ids)
-                lp = None
-                if body.logprobs is not None:
-                    lp = completion_logprobs([token_str(t) for t in out.token_ids], out.logprobs, 0)
-                choices.append({"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason})
+                choices.append({"index": i, "text": out.text, "logprobs": logprobs_of(out, 0),
+                                "finish_reason": out.finish_reason})
             return completion_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
 
         async def chunks():
