@@ -35,9 +35,17 @@ INVARIANT_CONFIG = (64, 64, 64, 4, 3)
 
 
 @triton.jit
+def _nibble_f32(v, QTYPE: tl.constexpr):
+    """A 4-bit quant v (int32, 0..15) as an exact float32 without an int->float instruction (a
+    quarter-rate op on Hopper): OR-ed into the mantissa of 2^23, then 2^23 (+ 8 for Q4_0) subtracted."""
+    f = (v | 0x4B000000).to(tl.float32, bitcast=True)
+    return f - 8388616.0 if QTYPE == 1 else f - 8388608.0
+
+
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                  QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+                 GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NATURAL: tl.constexpr):
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -54,37 +62,49 @@ def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_row = x_ptr + offs_m[:, None] * stride_xm
+    NB: tl.constexpr = BLOCK_K // 32                     # 32-blocks per K tile (quantized weights)
     for k0 in range(0, K, BLOCK_K):
         if QTYPE == 1 or QTYPE == 2:
-            i = tl.arange(0, BLOCK_K // 2)           # byte index in this K tile
-            blk = k0 // 32 + i // 16                 # 32-block of each byte
-            col = blk * 32 + i % 16                  # weight of its low nibble (high: col + 16)
-            kmask = col < K
-            wmask = mask_n[:, None] & kmask[None, :]
-            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + i)[None, :], mask=wmask, other=0)
-            d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=wmask, other=0.0).to(tl.float32)
-            lo = (q & 15).to(tl.float32)
-            hi = (q >> 4).to(tl.float32)
-            if QTYPE == 1:
-                w_lo = (lo - 8.0) * d
-                w_hi = (hi - 8.0) * d
-            else:
-                mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=wmask, other=0.0).to(tl.float32)
-                w_lo = lo * d + mn
-                w_hi = hi * d + mn
-            xmask = mask_m[:, None] & kmask[None, :]
-            x_lo = tl.load(x_row + col[None, :], mask=xmask, other=0.0)
-            x_hi = tl.load(x_row + (col + 16)[None, :], mask=xmask, other=0.0)
-            acc = tl.dot(x_lo, tl.trans(w_lo.to(dt)), acc, input_precision=PRECISION)
-            acc = tl.dot(x_hi, tl.trans(w_hi.to(dt)), acc, input_precision=PRECISION)
+            blk = k0 // 32 + tl.arange(0, NB)
+            bmask = mask_n[:, None] & (blk < K // 32)[None, :]
+            # bytes [BLOCK_N, NB, 16]: byte j of a block holds weight j (low nibble) and j + 16 (high)
+            byte = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+            q = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + byte[None, :, :], mask=bmask[:, :, None],
+                        other=0).to(tl.int32)
+            d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=bmask, other=0.0).to(tl.float32)
+            w_lo = _nibble_f32(q & 15, QTYPE) * d[:, :, None]
+            w_hi = _nibble_f32(q >> 4, QTYPE) * d[:, :, None]
+            if QTYPE == 2:
+                mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=bmask, other=0.0).to(tl.float32)
+                w_lo += mn[:, :, None]
+                w_hi += mn[:, :, None]
+            xmask = mask_m[:, None] & (k0 + tl.arange(0, BLOCK_K) < K)[None, :]
+            if NATURAL:  # one dot over the K tile in K order: [lo 16 | hi 16] per block
+                w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
+                x = tl.load(x_row + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=xmask, other=0.0)
+                acc = tl.dot(x, tl.trans(w.to(dt)), acc, input_precision=PRECISION)
+            else:  # two dots: all low halves of the tile's blocks, then all high halves
+                col = tl.reshape(byte + (byte // 16) * 16, (BLOCK_K // 2,))  # column of each low nibble
+                hmask = tl.reshape(tl.broadcast_to((blk < K // 32)[:, None], (NB, 16)), (BLOCK_K // 2,))
+                x_lo = tl.load(x_row + col[None, :], mask=mask_m[:, None] & hmask[None, :], other=0.0)
+                x_hi = tl.load(x_row + (col + 16)[None, :], mask=mask_m[:, None] & hmask[None, :], other=0.0)
+                acc = tl.dot(x_lo, tl.trans(tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 2)).to(dt)), acc,
+                             input_precision=PRECISION)
+                acc = tl.dot(x_hi, tl.trans(tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 2)).to(dt)), acc,
+                             input_precision=PRECISION)
         else:
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
             wmask = mask_n[:, None] & kmask[None, :]
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=wmask, other=0)
             if QTYPE == 3:
-                d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + (kk // 32)[None, :], mask=wmask, other=0.0)
-                w = w.to(tl.float32) * d.to(tl.float32)
+                blk = k0 // 32 + tl.arange(0, NB)
+                bmask = mask_n[:, None] & (blk < K // 32)[None, :]
+                q = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + (blk[:, None] * 32 + tl.arange(0, 32)[None, :])[None],
+                            mask=bmask[:, :, None], other=0)
+                d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=bmask, other=0.0).to(tl.float32)
+                w = tl.reshape(q.to(tl.float32) * d[:, :, None], (BLOCK_N, BLOCK_K))
+            else:
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=wmask, other=0)
             x = tl.load(x_row + kk[None, :], mask=mask_m[:, None] & kmask[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w.to(dt)), acc, input_precision=PRECISION)
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -114,38 +134,44 @@ def _word_cols(wi, n: tl.constexpr, QTYPE: tl.constexpr):
     return (wi // 4) * 32 + (wi % 4) * 4 + n // 2 + 16 * (n % 2)
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, n_words, stride_xm, stride_wn, stride_sn, stride_ym,
-                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """y[m, n] for BLOCK_M rows x BLOCK_N outputs; the weight planes are read as int32 words."""
-    NQ: tl.constexpr = 4 if QTYPE == 3 else 8           # quants per word
-    WPB: tl.constexpr = 8 if QTYPE == 3 else 4          # words per 32-block
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """y[m, n] for BLOCK_M rows x BLOCK_N outputs, BLOCK_B 32-blocks of K per step. The quant bytes
+    are loaded as [BLOCK_N, BLOCK_B, 16] (16 contiguous bytes per block row), x as two contiguous
+    16-element halves per block (the low- and high-nibble weights), each loaded once per step and
+    used by all BLOCK_N rows; a block's partial sum is scaled once by its d."""
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
-    for w0 in range(0, n_words, BLOCK_W):
-        wi = w0 + tl.arange(0, BLOCK_W)
-        wmask = wi < n_words
-        m2 = mask_n[:, None] & wmask[None, :]
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :], mask=m2, other=0)
-        blk = wi // WPB
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    w_rows = w_ptr + offs_n[:, None, None] * stride_wn
+    n_blk = K // 32
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for b0 in range(0, n_blk, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        bmask = blk < n_blk
+        m2 = mask_n[:, None] & bmask[None, :]
+        xmask = mask_m[:, None, None] & bmask[None, :, None]
         d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-        xmask = mask_m[:, None] & wmask[None, :]
-        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
-        for n in tl.static_range(NQ):
-            q = _unpack(words, n, QTYPE)
-            xv = tl.load(x_rows + _word_cols(wi, n, QTYPE)[None, :], mask=xmask, other=0.0).to(tl.float32)
-            part += q[None, :, :] * xv[:, None, :]
-            if QTYPE == 2:
-                xsum += xv
-        acc += part * d[None, :, :]
-        if QTYPE == 2:  # Q4_1: x' = q d + min, so each word adds min * sum(x) too
+        if QTYPE == 3:
+            col = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+            q = tl.load(w_rows + col[None], mask=m2[:, :, None], other=0).to(tl.float32)
+            xv = tl.load(x_rows + col[None], mask=xmask, other=0.0).to(tl.float32)
+            part = tl.sum(q[None] * xv[:, None], axis=3)
+        else:
+            j = tl.arange(0, 16)[None, :]
+            q = tl.load(w_rows + (blk[:, None] * 16 + j)[None], mask=m2[:, :, None], other=0).to(tl.int32)
+            x_lo = tl.load(x_rows + (blk[:, None] * 32 + j)[None], mask=xmask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_rows + (blk[:, None] * 32 + 16 + j)[None], mask=xmask, other=0.0).to(tl.float32)
+            lo = _nibble_f32(q & 15, QTYPE)
+            hi = _nibble_f32(q >> 4, QTYPE)
+            part = tl.sum(lo[None] * x_lo[:, None] + hi[None] * x_hi[:, None], axis=3)
+        acc += part * d[None]
+        if QTYPE == 2:  # Q4_1: x' = q d + min, so each block adds min * sum(x) too
             mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc += xsum[:, None, :] * mn[None, :, :]
+            acc += tl.sum(x_lo + x_hi, axis=2)[:, None, :] * mn[None]
     y = tl.sum(acc, axis=2)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
@@ -183,8 +209,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Tensor-core GEMM with an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None, natural: bool = True) -> torch.Tensor:
+    """Tensor-core GEMM with an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+    4-bit weights: ``natural`` feeds each K tile to one dot in K order; otherwise two dots per tile
+    (low nibbles, then high), an order that depends on BLOCK_K."""
     bm, bn, bk, warps, stages = config
     M, K = x.shape
     N = w.shape[0]
@@ -196,7 +224,7 @@ def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None) -> 
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _gemm_kernel[grid](x, qs, sc, mn, y, M, N, K, x.stride(0), qs.stride(0), sc.stride(0), y.stride(0),
                            QTYPE=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                           PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+                           PRECISION=_precision(x.dtype), NATURAL=natural, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -207,20 +235,19 @@ def _words(qs: torch.Tensor) -> torch.Tensor:
     return qs.view(torch.int32)
 
 
-def gemv(x: torch.Tensor, w: QuantWeight, config: tuple = (8, 32, 4, 3), out: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA-core kernel for few rows: config (BLOCK_N, BLOCK_W int32 words, num_warps, num_stages);
-    rows are taken in groups of up to GEMV_MAX_M per program (the weight words are unpacked once per group)."""
-    bn, bw, warps, stages = config
+def gemv(x: torch.Tensor, w: QuantWeight, config: tuple = (8, 8, 4, 3), out: torch.Tensor | None = None) -> torch.Tensor:
+    """CUDA-core kernel for few rows: config (BLOCK_N, BLOCK_B 32-blocks per step, num_warps, num_stages);
+    rows are taken in groups of up to GEMV_MAX_M per program (the weights are unpacked once per group)."""
+    bn, bb, warps, stages = config
     M, K = x.shape
     N = w.shape[0]
-    words = _words(w.qs)
     mn = w.min if w.min is not None else w.scale
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
         bm = min(triton.next_power_of_2(M), GEMV_MAX_M)
         _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            x, words, w.scale, mn, y, M, N, words.shape[1], x.stride(0), words.stride(0), w.scale.stride(0), y.stride(0),
-            QTYPE=QCODES[w.qtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, num_stages=stages)
+            x, w.qs, w.scale, mn, y, M, N, K, x.stride(0), w.qs.stride(0), w.scale.stride(0), y.stride(0),
+            QTYPE=QCODES[w.qtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -238,8 +265,7 @@ def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 # GEMV tiles per (N, K, qtype), tuned once per shape on first use (fast mode only).
-GEMV_CONFIGS = [(4, 32, 2, 3), (4, 64, 4, 3), (8, 32, 4, 3), (8, 64, 4, 4), (16, 32, 4, 3), (16, 64, 8, 3),
-                (32, 32, 8, 3)]
+GEMV_CONFIGS = [(4, 8, 2, 3), (8, 4, 4, 3), (8, 8, 4, 3), (8, 16, 4, 3), (16, 8, 4, 3), (16, 16, 8, 3), (32, 8, 8, 3)]
 _gemv_best: dict = {}
 
 
@@ -255,13 +281,19 @@ def _tuned_gemv_config(x: torch.Tensor, w: QuantWeight) -> tuple:
     return _gemv_best[key]
 
 
+def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None) -> tuple:
+    """The invariant mode's GEMM tiles for an [M, K] x [N, K].T product."""
+    return INVARIANT_CONFIG
+
+
 def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (as ``matmul.linear_ref``)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    qtype = w.qtype if isinstance(w, QuantWeight) else None
     if invariant:
-        return gemm(x, w, INVARIANT_CONFIG, out)
-    if not isinstance(w, QuantWeight):
+        return gemm(x, w, invariant_config(x.shape[0], w.shape[0], x.shape[1], x.dtype, qtype), out)
+    if qtype is None:
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
     if x.shape[0] <= GEMV_MAX_M:
