@@ -8,15 +8,20 @@ gets their outputs back.
 
 Weights are generated per expert from (seed, expert id) on the layer's device, so a rank builds
 only the experts it holds (and an EPLB replica is the same expert bit for bit): a layer-only
-benchmark never needs the whole model in memory.
+benchmark never needs the whole model in memory. Or they come from a model file
+(``ExpertTensors``: GGUF qwen3moe tensors, dense or block-quantized); the rank then converts only
+the experts it holds to the compute dtype.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from exactllm.balance.realb import ReaLB
 from exactllm.distributed.ep import Placement, all_to_all, exchange_counts, receive_layout, world
+from exactllm.formats.quant import QuantWeight
 from exactllm.kernels.moe_gemm import expert_ffn
 
 
@@ -25,18 +30,43 @@ def _randn(shape, seed: int, std: float, device, dtype):
     return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
 
 
+def expert_matrix(w, e: int, n_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Expert e's [N, K] matrix of a stack of expert matrices: dense [E, N, K], or a QuantWeight
+    of E*N rows (how formats/gguf.py loads a block-quantized 3-D tensor), dequantized to dtype."""
+    if isinstance(w, QuantWeight):
+        return w.shard(0, e, n_experts).dequantize(dtype)
+    return w[e].to(dtype)
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """One MoE layer's weights from a model file: router [E, H] (dense or QuantWeight), and the
+    gate / up [E, F, H] and down [E, H, F] expert stacks (see ``expert_matrix``)."""
+    router: object
+    gate: object
+    up: object
+    down: object
+
+
 class MoELayer:
     def __init__(self, hidden: int, n_experts: int, top_k: int, expert_ffn_dim: int, *,
                  shared_expert_ffn: int = 0, group=None, placement: Placement | None = None,
                  balancer=None, backend: str = "torch", dtype=torch.float32, device="cpu",
-                 seed: int = 0):
+                 seed: int = 0, tensors: ExpertTensors | None = None):
         self.hidden, self.n_experts, self.top_k, self.ffn = hidden, n_experts, top_k, expert_ffn_dim
         self.group, self.balancer, self.backend = group, balancer, backend
         self.dtype, self.device, self.seed = dtype, torch.device(device), seed
+        self.tensors = tensors
         self.rank, self.size = world(group)
-        self.router_w = _randn((n_experts, hidden), seed * 1_000_003 + 999_983, hidden ** -0.5,
-                               self.device, dtype)
+        if tensors is not None:  # the router stays fp32 (route() computes in fp32 anyway)
+            r = tensors.router
+            self.router_w = (r.dequantize(torch.float32) if isinstance(r, QuantWeight) else r.float()).to(self.device)
+        else:
+            self.router_w = _randn((n_experts, hidden), seed * 1_000_003 + 999_983, hidden ** -0.5,
+                                   self.device, dtype)
         self.shared = None
+        if shared_expert_ffn and tensors is not None:
+            raise ValueError("a shared expert is only generated for random layers (no file tensors for it)")
         if shared_expert_ffn:
             s = seed * 1_000_003 + 999_979
             self.shared = (_randn((2 * shared_expert_ffn, hidden), s, hidden ** -0.5, self.device, dtype),
@@ -56,6 +86,11 @@ class MoELayer:
     # ------------------------------------------------------------------ weights
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2F, H] = gate rows then up rows, w2 [H, F]) of logical expert e."""
+        if self.tensors is not None:
+            t, E = self.tensors, self.n_experts
+            w13 = torch.cat([expert_matrix(t.gate, e, E), expert_matrix(t.up, e, E)])
+            return (w13.to(self.device, self.dtype),
+                    expert_matrix(t.down, e, E).to(self.device, self.dtype))
         s = self.seed * 1_000_003 + 2 * e
         return (_randn((2 * self.ffn, self.hidden), s, self.hidden ** -0.5, self.device, self.dtype),
                 _randn((self.hidden, self.ffn), s + 1, self.ffn ** -0.5, self.device, self.dtype))

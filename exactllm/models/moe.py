@@ -22,7 +22,10 @@ direction in embedding space (exactllm/multimodal.py); each layer's router prefe
 ``max(top_k, E/8)`` experts of which 90% sit in one quarter of the experts (a different quarter
 per layer and kind). A batch of images of one kind thus loads one EP rank with vision tokens, as
 the ReaLB paper reports for real multimodal MoE models; a batch mixing all kinds is balanced.
-GGUF MoE files are not loaded (yet): MoE models come from the random presets only.
+GGUF files (formats/gguf.py, arch ``qwen3moe``): the router and expert stacks of each layer come
+from the file (``ExpertTensors``; each rank converts only the experts it holds), and attention
+normalizes q and k per head (``attn_q_norm`` / ``attn_k_norm``, Qwen3) before RoPE. The file's
+routers are used as they are (no vision bias).
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from exactllm.balance import BALANCERS, EPLB, ReaLB, ReaLBConfig
 from exactllm.balance.workload import bias_router, pick_vision_experts, vision_direction
 from exactllm.config import ModelConfig
 from exactllm.distributed.ep import Placement
-from exactllm.layers.moe import MoELayer
+from exactllm.layers.attention import Attention
+from exactllm.layers.moe import ExpertTensors, MoELayer
 from exactllm.layers.ops import Ops
 from exactllm.layers.parallel import TPContext
 from exactllm.models.llama import LlamaModel
@@ -171,6 +175,33 @@ class MoEFFN(nn.Module):
         return y * self.out_scale if self.out_scale != 1.0 else y
 
 
+class QKNormAttention(Attention):
+    """Attention with an RMSNorm over each head of q and of k before RoPE (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict, prefix: str, ops: Ops, tp: TPContext):
+        super().__init__(cfg, weights, prefix, ops, tp)
+        self.eps = cfg.norm_eps
+        self.q_norm = nn.Parameter(weights[f"{prefix}.attn_q_norm.weight"].float(), requires_grad=False)
+        self.k_norm = nn.Parameter(weights[f"{prefix}.attn_k_norm.weight"].float(), requires_grad=False)
+
+    def forward(self, x, positions, batch, kv_cache, rope_tables):
+        ops = self.ops
+        t, d = x.shape[0], self.head_dim
+        q_width, kv_width = self.n_heads * d, self.n_kv_heads * d
+        q, k, v = ops.linear(x, self.qkv.value).split((q_width, kv_width, kv_width), dim=-1)
+        q = ops.rmsnorm(q.reshape(t * self.n_heads, d), self.q_norm, self.eps).reshape(t, self.n_heads, d)
+        k = ops.rmsnorm(k.reshape(t * self.n_kv_heads, d), self.k_norm, self.eps).reshape(t, self.n_kv_heads, d)
+        v = v.reshape(t, self.n_kv_heads, d)
+        cos, sin = rope_tables
+        q = ops.rope(q, positions, cos, sin)
+        k = ops.rope(k, positions, cos, sin)
+        k_cache, v_cache = kv_cache
+        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        o = ops.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
+                          batch.block_tables, self.scale)
+        return ops.row_parallel_linear(o.reshape(t, -1), self.o.value, self.tp)
+
+
 class MoEModel(LlamaModel):
     """LlamaModel whose FFNs are MoE layers (``ffn_factory``); see the module docstring."""
 
@@ -190,15 +221,21 @@ class MoEModel(LlamaModel):
 
         def make_ffn(w: dict, prefix: str, ops_: Ops, tp_: TPContext) -> MoEFFN:
             spec = w.get(f"{prefix}.ffn_experts")
-            if not isinstance(spec, RandomExperts):
-                raise NotImplementedError("MoE weights from GGUF files are not supported yet; "
-                                          "use random:moe-mini or random:qwen3-vl-30b-a3b")
+            if isinstance(spec, RandomExperts):
+                layer = MoELayer.from_config(cfg, group=group, backend=backend, dtype=dtype, device=device,
+                                             seed=spec.seed)
+                layer.router_w = _vision_biased_router(layer, cfg, spec.seed)
+                return MoEFFN(layer, step, tp_, opts.enable_expert_parallel, spec.out_scale)
+            tensors = ExpertTensors(*(w[f"{prefix}.ffn_{name}.weight"] for name in ("gate_inp", "gate_exps",
+                                                                                    "up_exps", "down_exps")))
             layer = MoELayer.from_config(cfg, group=group, backend=backend, dtype=dtype, device=device,
-                                         seed=spec.seed)
-            layer.router_w = _vision_biased_router(layer, cfg, spec.seed)
-            return MoEFFN(layer, step, tp_, opts.enable_expert_parallel, spec.out_scale)
+                                         tensors=tensors)
+            return MoEFFN(layer, step, tp_, opts.enable_expert_parallel, 1.0)
 
         super().__init__(cfg, weights, ops, tp, dtype, ffn_factory=make_ffn)
+        for i, layer in enumerate(self.layers):
+            if f"blk.{i}.attn_q_norm.weight" in weights:
+                layer.attn = QKNormAttention(cfg, weights, f"blk.{i}", ops, tp)
         self.step, self.moe_options = step, opts
         self.set_load_balancer(opts)
 
