@@ -3,8 +3,9 @@
 A decode step of a small model is hundreds of short kernel launches; replaying a captured
 graph removes the launch gaps. A step of n sequences runs the graph of the smallest captured
 size B >= n, with rows n..B-1 as padding: token 0 at position 0, context length 0 (attention
-writes zeros) and KV slot -1 (``write_kv`` stores nothing). Every op is row-independent, so
-padding changes no real row's bits.
+writes zeros) and KV slot -1 (``rope_kv`` stores nothing). Every op is row-independent, so
+padding changes no real row's bits. The graph ends with the greedy pick of every row (token and
+log-prob, ``Ops.greedy_pick``), so an all-greedy step costs the host one small copy.
 
 Inputs go through one pinned host buffer and two copies: ids, positions, context lengths and
 slots as int32 [4, B_max], and the block tables [B_max, max_blocks]. Only the first w columns
@@ -34,7 +35,7 @@ class DecodeGraphs:
         self.dev = torch.zeros(4, self.max_batch, dtype=i32, device=device)
         self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, device=device)
         self.cu = torch.arange(self.max_batch + 1, dtype=i32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = None
 
     def accepts(self, chunks) -> bool:
@@ -63,11 +64,12 @@ class DecodeGraphs:
         self.dev.copy_(self.host, non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dev
         batch = AttnBatch(self.cu[:b + 1], d[2, :b], self.tables[:b], d[3, :b])
         hidden = self.model(d[0, :b], d[1, :b], batch, self.kv_caches)
-        return self.model.logits(hidden)
+        logits = self.model.logits(hidden)
+        return logits, self.model.ops.greedy_pick(logits)
 
     def _capture(self, b: int) -> None:
         side = torch.cuda.Stream(self.device)
@@ -82,12 +84,14 @@ class DecodeGraphs:
         self.graphs[b] = (graph, out)
 
     @torch.inference_mode()
-    def run(self, chunks) -> torch.Tensor:
-        """float32 logits [len(chunks), vocab] of a pure-decode step."""
+    def run(self, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 logits [len(chunks), vocab] of a pure-decode step, and its greedy picks
+        [len(chunks), 2] (``Ops.greedy_pick``: token, log-prob)."""
         b = self._bucket(len(chunks))
         self._fill(chunks, b)
         if b not in self.graphs:
             self._capture(b)
-        graph, out = self.graphs[b]
+        graph, (logits, picks) = self.graphs[b]
         graph.replay()
-        return out[:len(chunks)]
+        n = len(chunks)
+        return logits[:n], picks[:n]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exactllm.engine.sampler import sample
+from exactllm.engine.sampler import select
 from exactllm.engine.scheduler import ScheduledChunk
 from exactllm.layers.attention import AttnBatch
 
@@ -98,14 +98,16 @@ class ModelRunner:
     def step(self, chunks: list[ScheduledChunk], randoms: dict, forward=None) -> list[tuple]:
         """Run one step; returns (seq, token, logprob) for every chunk that reached its end."""
         if forward is None and self.graphs is not None and self.graphs.accepts(chunks):
-            logits = self.graphs.run(chunks)
+            logits, picks = self.graphs.run(chunks)  # greedy picks computed inside the graph
         else:
             inputs = build_inputs(chunks, self.block_size)
             logits = (forward or self.forward_logits)(inputs)
+            picks = None
         done = [ch.seq for ch in chunks if ch.completes]
         if not done:
             return []
-        tokens = sample(logits, [s.params for s in done], [randoms[s.seq_id] for s in done])
-        logprobs = self.model.ops.log_softmax(logits)
-        picked = logprobs[torch.arange(len(done), device=logits.device), torch.tensor(tokens, device=logits.device)]
-        return list(zip(done, tokens, picked.tolist()))
+        ops = self.model.ops
+        if picks is None:
+            picks = ops.greedy_pick(logits)
+        chosen = select(logits, picks, [s.params for s in done], [randoms[s.seq_id] for s in done], ops.log_softmax)
+        return [(seq, tok, lp) for seq, (tok, lp) in zip(done, chosen)]

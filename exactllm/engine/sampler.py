@@ -37,19 +37,31 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return probs / probs.sum(dim=-1, keepdim=True), sorted_ids
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom]) -> list[int]:
-    """One next token per row of float32 logits [S, V]."""
-    out = logits.argmax(dim=-1)
+def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom]) -> torch.Tensor:
+    """One sampled token per row of float32 logits [S, V] (temperature, top-k, top-p; no greedy rows)."""
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+    probs, ids = filter_logits(logits, temperature, top_k, top_p)
+    u = torch.tensor([r.uniform() for r in randoms], device=dev, dtype=torch.float32)
+    cdf = probs.cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(logits.shape[-1] - 1)
+    return ids.gather(1, pick)[:, 0]
+
+
+def select(logits: torch.Tensor, picks: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom],
+           log_softmax) -> list[tuple[int, float]]:
+    """(token, log-prob) per row. picks [S, 2] float64 holds every row's greedy choice and its
+    log-prob (``Ops.greedy_pick``); rows that sample draw from ``logits`` instead and take their
+    log-prob from ``log_softmax`` (the Ops' own, so the invariant modes keep the training bits)."""
+    rows = picks.tolist()  # the one device -> host copy of an all-greedy step
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        dev = logits.device
-        temperature = torch.tensor([params[i].temperature for i in sampled], device=dev, dtype=torch.float32)
-        top_k = torch.tensor([params[i].top_k for i in sampled], device=dev)
-        top_p = torch.tensor([params[i].top_p for i in sampled], device=dev, dtype=torch.float32)
-        probs, ids = filter_logits(logits[rows], temperature, top_k, top_p)
-        u = torch.tensor([randoms[i].uniform() for i in sampled], device=dev, dtype=torch.float32)
-        cdf = probs.cumsum(dim=-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(logits.shape[-1] - 1)
-        out[rows] = ids.gather(1, pick)[:, 0]
-    return out.tolist()
+        idx = torch.tensor(sampled, device=logits.device)
+        sub = logits[idx]
+        tokens = sample(sub, [params[i] for i in sampled], [randoms[i] for i in sampled])
+        lps = log_softmax(sub).gather(1, tokens[:, None])[:, 0]
+        for i, t, lp in zip(sampled, tokens.tolist(), lps.tolist()):
+            rows[i] = (t, lp)
+    return [(int(t), lp) for t, lp in rows]

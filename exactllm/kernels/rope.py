@@ -20,3 +20,14 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def rope_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """q, k rotated; rotated k and v stored at their flat cache slots (rows with a negative slot,
+    CUDA-graph padding, store nothing); returns the rotated q."""
+    from exactllm.kernels.attention import write_kv_ref
+    keep = slot_mapping >= 0
+    k_rot = apply_rope_ref(k, positions, cos, sin)
+    write_kv_ref(k_rot[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
+    return apply_rope_ref(q, positions, cos, sin)

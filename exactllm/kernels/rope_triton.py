@@ -1,7 +1,13 @@
-"""Rotary embedding applied in place (GGUF adjacent-pair layout, as ``rope.apply_rope_ref``).
+"""Rotary embedding in Triton (GGUF adjacent-pair layout, as ``rope.apply_rope_ref``), optionally
+fused with the KV-cache write.
 
-One program per token rotates every head of that token: pairs (2i, 2i+1) by the angle
-positions[t] * theta_i, read from the float32 cos/sin tables. Elementwise, so invariant.
+``rope_kv`` does in one launch what a decoder layer needs between the QKV projection and
+attention: q rotated in place, k rotated and stored with v at their cache slots (negative
+slots, CUDA-graph padding rows, store nothing). ``apply_rope`` is the same kernel with no
+cache. Program (t, j) owns BLOCK_H heads of token t: j < the number of q head blocks means q
+heads, the rest are K/V heads. Pairs (2i, 2i+1) turn by the angle positions[t] * theta_i read
+from the float32 cos/sin tables. Elementwise with one arithmetic (``_rotate``) for every head,
+token and call, so invariant in every numerics mode.
 """
 from __future__ import annotations
 
@@ -11,30 +17,77 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, n_heads, stride_t, stride_h, stride_c,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotate(src, dst, c, s, mask):
+    x0 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x0 * c - x1 * s).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + 1, (x0 * s + x1 * c).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+                    n_q, n_kv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+                    stride_cslot, stride_ch, HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    q_blocks = tl.cdiv(n_q, BLOCK_H)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
     c = tl.load(cos_ptr + pos * stride_c + i)[None, :]
     s = tl.load(sin_ptr + pos * stride_c + i)[None, :]
-    for h0 in range(0, n_heads, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h < n_heads)[:, None]
-        base = x_ptr + t * stride_t + h[:, None] * stride_h + 2 * i[None, :]
-        x0 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
-        tl.store(base, (x0 * c - x1 * s).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + 1, (x0 * s + x1 * c).to(x_ptr.dtype.element_ty), mask=mask)
+    if j < q_blocks:
+        h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        src = q_ptr + t * stride_qt + h[:, None] * stride_qh + 2 * i[None, :]
+        _rotate(src, src, c, s, (h < n_q)[:, None])
+    elif WRITE_KV:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            h = (j - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            mask = (h < n_kv)[:, None]
+            dst = slot * stride_cslot + h[:, None] * stride_ch + 2 * i[None, :]
+            _rotate(k_ptr + t * stride_kt + h[:, None] * stride_kh + 2 * i[None, :], kc_ptr + dst, c, s, mask)
+            d = tl.arange(0, 2 * HALF)
+            v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+            tl.store(vc_ptr + slot * stride_cslot + h[:, None] * stride_ch + d[None, :],
+                     v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_h(d: int) -> int:
+    return max(1, 256 // d)  # ~128 pairs per program
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    d = x.shape[-1]
+    assert x.stride(-1) == 1 and d % 2 == 0 and d & (d - 1) == 0, "head_dim must be a contiguous power of two"
+    assert cos.stride(1) == 1 and cos.stride() == sin.stride()
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, H, D] in place (last dim contiguous) and return it."""
+    _check(x, cos, sin)
     t, h, d = x.shape
-    assert x.stride(2) == 1 and d % 2 == 0 and d & (d - 1) == 0, "head_dim must be a contiguous power of two"
-    assert cos.stride(1) == 1 and cos.stride() == sin.stride()
     if t:
-        block_h = min(triton.next_power_of_2(h), max(1, 2048 // d))
-        _rope_kernel[(t,)](x, positions, cos, sin, h, x.stride(0), x.stride(1), cos.stride(0),
-                           HALF=d // 2, BLOCK_H=block_h, num_warps=4)
+        bh = _block_h(d)
+        _rope_kv_kernel[(t, triton.cdiv(h, bh))](
+            x, x, x, positions, cos, sin, x, x, positions, h, 0, x.stride(0), x.stride(1), 0, 0, 0, 0,
+            cos.stride(0), 0, 0, HALF=d // 2, BLOCK_H=bh, WRITE_KV=False, num_warps=1)
     return x
+
+
+def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """As ``rope.rope_kv_ref``: rotate q [T, Hq, D] in place and return it; store rotated k and v
+    [T, Hkv, D] at their cache slots (rows with a negative slot are skipped). k itself is left
+    unrotated. q, k, v may be strided views (of one fused QKV output)."""
+    _check(q, cos, sin)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape == v.shape and k.shape[2] == d
+    assert k_cache.stride(1) == k_cache.stride(2) * hkv and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+    if t:
+        bh = _block_h(d)
+        _rope_kv_kernel[(t, triton.cdiv(hq, bh) + triton.cdiv(hkv, bh))](
+            q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, hq, hkv, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(1), k_cache.stride(2),
+            HALF=d // 2, BLOCK_H=bh, WRITE_KV=True, num_warps=1)
+    return q

@@ -53,10 +53,8 @@ class Attention(nn.Module):
         k = k.reshape(t, self.n_kv_heads, self.head_dim)
         v = v.reshape(t, self.n_kv_heads, self.head_dim)
         cos, sin = rope_tables
-        q = ops.rope(q, positions, cos, sin)
-        k = ops.rope(k, positions, cos, sin)
         k_cache, v_cache = kv_cache
-        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        q = ops.rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, batch.slot_mapping)
         o = ops.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
                           batch.block_tables, self.scale)
         return ops.row_parallel_linear(o.reshape(t, -1), self.o.value, self.tp)

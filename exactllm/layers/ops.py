@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from exactllm.formats.quant import QuantWeight
-from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope
+from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope, sampling
 from exactllm.layers.parallel import TPContext
 from exactllm.numerics import Numerics
 
@@ -88,6 +88,15 @@ class Ops:
             return rope_triton.apply_rope(x, positions, cos, sin)
         return rope.apply_rope_ref(x, positions, cos, sin)
 
+    def rope_kv(self, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+        """RoPE on q and k, then k and v stored at their cache slots; returns the rotated q (on
+        CUDA q is rotated in place, one kernel for all of it; negative slots are skipped there)."""
+        if self._cuda:
+            from exactllm.kernels import rope_triton
+            return rope_triton.rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+        attention.write_kv_ref(rope.apply_rope_ref(k, positions, cos, sin), v, k_cache, v_cache, slot_mapping)
+        return rope.apply_rope_ref(q, positions, cos, sin)
+
     def silu_mul(self, gate, up):
         if self._cuda:
             from exactllm.kernels import activation_triton
@@ -130,6 +139,18 @@ class Ops:
             from exactllm.kernels.tree import log_softmax_tree
             return log_softmax_tree(logits.float())
         return torch.log_softmax(logits.float(), dim=-1)
+
+
+    def greedy_pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """[S, 2] float64: each row's argmax token and its log-prob. The log-prob is this Ops'
+        log_softmax's own bits (as the training forward computes them) except on CUDA in fast
+        mode, where one fused kernel does it all."""
+        if self._cuda:
+            from exactllm.kernels import sampling_triton
+            if self.numerics.invariant:
+                return sampling_triton.greedy_pick(logits, self.log_softmax(logits))
+            return sampling_triton.greedy_pick(logits)
+        return sampling.greedy_pick_ref(logits, self.log_softmax(logits))
 
 
 def make_ops(device: "str | torch.device", numerics: Numerics) -> Ops:

@@ -39,7 +39,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         ops = self.ops
-        gate, up = ops.linear(x, self.gate_up.value).chunk(2, dim=-1)
+        gate, up = ops.linear(x, self.gate_up.value).chunk(2, dim=-1)  # strided views, no copies
         h = ops.silu_mul(gate, up)
         return ops.row_parallel_linear(h, self.down.value, self.tp)
 
