@@ -192,10 +192,10 @@ def test_fp4_experts_within_bound_and_worse_than_fp8():
 
 
 def test_unknown_low_precision_format():
-    with pytest.raises(ValueError, match="'fp8' or 'fp4'"):
+    with pytest.raises(ValueError, match="fp8, fp4, nvfp4"):
         mg.quantize_expert_weights(torch.randn(1, 4, 32), fmt="fp6")
     with pytest.raises(ValueError, match="weight-only MXFP4"):
-        ReaLBConfig(low_precision="nvfp4")
+        ReaLBConfig(low_precision="mxfp4")
 
 
 def test_llm_accepts_fp4():

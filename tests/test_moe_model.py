@@ -176,7 +176,7 @@ def test_bad_combinations_fail_clearly():
         LLM("random:moe-mini", load_balancer="realb")
     with pytest.raises(ValueError, match="realb_modality_threshold"):
         LLM("random:moe-mini", enable_expert_parallel=True, load_balancer="realb", realb_modality_threshold=1.5)
-    with pytest.raises(ValueError, match="use 'fp8' or 'fp4'"):
+    with pytest.raises(ValueError, match="use 'fp8', 'fp4'"):
         LLM("random:moe-mini", enable_expert_parallel=True, load_balancer="realb", realb_low_precision="fp6")
 
 

@@ -8,10 +8,12 @@ more than ``overload_threshold`` and whose vision share exceeds ``modality_thres
 hot ranks are left in BF16 to protect accuracy. No expert moves, nothing is replicated.
 
 ``low_precision`` picks the format: "fp8" (e4m3 weights with per-channel scales, activations
-quantized per token, FP8 tensor-core GEMMs) or "fp4" (weight-only MXFP4 as gguf defines it,
-dequantized inside the GEMM kernel, BF16 activations and BF16 tensor-core math). Hopper has no
-FP4 tensor cores, so "fp4" only reads fewer weight bytes (4.25 bits per weight); it is less
-accurate than "fp8" and, on compute-bound prefill GEMMs, not faster than BF16.
+quantized per token, FP8 tensor-core GEMMs), "fp4" (weight-only MXFP4 as gguf defines it,
+dequantized inside the GEMM kernel, BF16 activations and BF16 tensor-core math) or "nvfp4"
+(weight-only NVFP4: gguf's block layout, UE4M3 scales per 16 weights, plus one fp32 scale per
+expert; same kernel). Hopper has no FP4 tensor cores, so the FP4 formats only read fewer weight
+bytes (4.25 / 4.5 bits per weight); they are less accurate than "fp8" and, on compute-bound
+prefill GEMMs, not faster than BF16.
 
 The BF16 -> FP8 (or FP4) weight conversion is issued on a side CUDA stream as soon as the
 counts are known, so it runs under the dispatch all-to-all; the expert GEMMs wait on its event.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exactllm.kernels.moe_gemm import quantize_expert_weights
+from exactllm.kernels.moe_gemm import LOW_PRECISION_FORMATS, quantize_expert_weights
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,9 @@ class ReaLBConfig:
     min_load: int = 0  # rows; below it a rank is launch-bound and low precision buys nothing
 
     def __post_init__(self):
-        if self.low_precision not in ("fp8", "fp4"):
-            raise ValueError(f"low_precision {self.low_precision!r}: use 'fp8' or 'fp4' "
-                             "(weight-only MXFP4; no FP4 tensor cores on Hopper)")
+        if self.low_precision not in LOW_PRECISION_FORMATS:
+            raise ValueError(f"low_precision {self.low_precision!r}: use 'fp8', 'fp4' (weight-only MXFP4) "
+                             "or 'nvfp4' (weight-only NVFP4); no FP4 tensor cores on Hopper")
 
 
 def rank_loads(table: torch.Tensor, slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,12 @@ of two it rounds up), or 0 for an all-zero block; each weight takes the nibble t
 the float32 |d*kvalue - x| (first nibble on ties, so ties go to the smaller magnitude and zero
 is nibble 0, not 8); values past the grid's end clip to +-12*2^(e-128). For m below 2^-125
 gguf's exponent is negative and wraps modulo 256 on the cast to uint8; this does the same.
+
+NVFP4 (qtype "nvfp4", GGML type 40), likewise an expert-weight format only: 36 bytes per 64
+weights, four UE4M3 scale bytes (one per 16 weights) then 32 bytes of E2M1 nibbles, 8 per
+16-block (byte j: weight j low, weight j+8 high); x' = kvalue * ue4m3(s) / 2 with the doubled
+kvalues above. gguf defines its dequantization (matched bit for bit) but no quantizer; see
+``quantize_nvfp4``. Both FP4 quantizers are vectorized torch (no loop over blocks).
 """
 from __future__ import annotations
 
@@ -78,7 +84,10 @@ LAYOUTS: dict[str, BlockLayout] = {
 MXFP4_TYPE_SIZE = 17  # bytes per 32-block: E8M0 exponent + 16 bytes of nibbles
 MXFP4_GGML_TYPE = 39
 E2M1_X2 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # doubled E2M1 values
-_MXFP4_CHUNK = 1 << 14  # blocks per quantization pass (bounds the [blocks, 32, 16] error table)
+NVFP4_BLOCK = 16  # weights per UE4M3 scale
+NVFP4_SUPER = 64  # weights per GGUF block: 4 scale bytes, then 32 bytes of nibbles
+NVFP4_TYPE_SIZE = 36
+NVFP4_GGML_TYPE = 40
 
 
 def layout(qtype: str) -> BlockLayout:
@@ -164,8 +173,29 @@ def e8m0_half(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _nearest_e2m1(flat: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Nibble of the doubled-E2M1 grid value d*kvalue nearest each x (flat [n, B] float32, d [n]):
+    gguf's argmin over all 16 nibbles of the float32 |d*kvalue - x|, first nibble on ties, in
+    O(n*B) memory. Why it is the same: the error of the mirrored nibble is |d*kvalue + x| (a
+    float32 negation is exact), so only the nibbles of x's own sign can beat nibble 0 (error |x|),
+    and a tie with nibble 0 goes to nibble 0; among magnitudes 0..7 the scan below keeps the first
+    minimum, as argmin does."""
+    a = flat.abs()
+    d = d[:, None]
+    best_err = a.clone()  # magnitude 0: |d*0 - |x|| = |x|
+    best = torch.zeros(flat.shape, dtype=torch.uint8, device=flat.device)
+    for j in range(1, 8):
+        err = (d * float(E2M1_X2[j]) - a).abs()
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, j), best)
+    return torch.where((flat < 0) & (best > 0), best + 8, best)
+
+
 def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> planes (qs uint8 [..., K//2] in GGUF nibble order, e uint8 [..., K//32])."""
+    """x [..., K] -> planes (qs uint8 [..., K//2] in GGUF nibble order, e uint8 [..., K//32]).
+
+    Vectorized torch (no loop over blocks), so it runs per step on the GPU as well."""
     blocks = _blocks(x)
     lead, nb = blocks.shape[:-2], blocks.shape[-2]
     flat = blocks.reshape(-1, BLOCK)
@@ -173,13 +203,7 @@ def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     log2m = torch.log2(m.double()).float()  # correctly rounded to float32 (numpy's float32 log2)
     e = torch.where(m > 0, torch.floor(log2m) - 2 + 127, torch.zeros_like(m))
     e = (e.to(torch.int32) & 0xFF).to(torch.uint8)  # wraps a negative exponent as gguf's cast does
-    d = e8m0_half(e)
-    kv = torch.tensor(E2M1_X2, dtype=torch.float32, device=x.device)
-    q = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
-    for i in range(0, flat.shape[0], _MXFP4_CHUNK):
-        sl = slice(i, i + _MXFP4_CHUNK)
-        err = (d[sl, None, None] * kv - flat[sl, :, None]).abs()  # [b, 32, 16], float32 like gguf
-        q[sl] = err.argmin(-1).to(torch.uint8)  # first minimum on ties, like numpy
+    q = _nearest_e2m1(flat, e8m0_half(e))
     qs = _pack_nibbles(q).reshape(*lead, nb * (BLOCK // 2))
     return qs, e.reshape(*lead, nb)
 
@@ -194,11 +218,78 @@ def dequantize_mxfp4(qs: torch.Tensor, e: torch.Tensor, dtype: torch.dtype = tor
     return out if dtype == torch.float32 else out.to(dtype)
 
 
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e in float32 for integer e in [-126, 127], built from its bits (exact)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def ue4m3_from_fp32(x: torch.Tensor) -> torch.Tensor:
+    """float32 >= 0 -> unsigned E4M3 byte, bit-exact with gguf's NVFP4.fp32_to_ue4m3 (ggml's
+    ggml_fp32_to_ue4m3): clip to [0, 448]; normal values round the 3-bit mantissa half-up;
+    below 2^-6 the subnormal code is trunc(x*512 + 0.5) clipped to 0..7; <= 0 gives 0."""
+    x = x.to(torch.float32).clamp(0.0, 448.0)
+    bits = x.view(torch.int32)
+    ue_exp = ((bits >> 23) & 0xFF) - 127 + 7
+    sub = (x * 512.0 + 0.5).to(torch.int32).clamp(0, 7)
+    man = ((bits >> 20) & 7) + ((bits >> 19) & 1)
+    carry = man > 7
+    exp = torch.where(carry, ue_exp + 1, ue_exp)
+    normal = torch.where(exp >= 15, torch.full_like(exp, 0x7E), (exp << 3) | torch.where(carry, 0, man))
+    out = torch.where(ue_exp <= 0, sub, torch.where(ue_exp >= 15, torch.full_like(exp, 0x7E), normal))
+    return torch.where(x <= 0, torch.zeros_like(out), out).to(torch.uint8)
+
+
+def ue4m3_half(b: torch.Tensor) -> torch.Tensor:
+    """Unsigned E4M3 byte -> half its value in float32, as gguf's NVFP4.ue4m3_to_fp32 (the half
+    goes with the doubled E2M1 kvalues): exponent bits 3-6 (bit 7 ignored), bias 7, subnormal
+    man * 2^-9; 0x00 and 0x7F give 0. Every value is exact in float32."""
+    b32 = b.to(torch.int32)
+    exp, man = (b32 >> 3) & 0xF, b32 & 7
+    normal = (8 + man).to(torch.float32) * _pow2(exp - 11)
+    sub = man.to(torch.float32) * 2.0 ** -10
+    val = torch.where(exp == 0, sub, normal)
+    return torch.where((b32 == 0) | (b32 == 0x7F), torch.zeros_like(val), val)
+
+
+def quantize_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] (K a multiple of 64) -> NVFP4 planes as gguf lays them out: qs uint8 [..., K//2]
+    (per 16-block 8 bytes, byte j = weight j low nibble, weight j+8 high) and UE4M3 scales uint8
+    [..., K//16]. x' = ue4m3(s) * E2M1 value.
+
+    gguf defines NVFP4's block layout and dequantization (gguf.quants.NVFP4) but no quantizer;
+    this one takes s = ue4m3(max|x| / 6) with gguf's own fp32 -> UE4M3 rounding and the nearest
+    grid value per weight (first on ties, as gguf's MXFP4). NVFP4's per-tensor fp32 scale is not
+    part of the block format: callers divide by it first (kernels/moe_gemm.py does, per expert)."""
+    if x.shape[-1] % NVFP4_SUPER:
+        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of the NVFP4 block size {NVFP4_SUPER}")
+    lead, K = x.shape[:-1], x.shape[-1]
+    flat = x.to(torch.float32).reshape(-1, NVFP4_BLOCK)
+    sc = ue4m3_from_fp32(flat.abs().amax(-1) / 6.0)
+    q = _nearest_e2m1(flat, ue4m3_half(sc))
+    qs = q[:, :8] | (q[:, 8:] << 4)
+    return qs.reshape(*lead, K // 2), sc.reshape(*lead, K // NVFP4_BLOCK)
+
+
+def dequantize_nvfp4(qs: torch.Tensor, sc: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Planes of :func:`quantize_nvfp4` -> [..., K]: kvalue * ue4m3_half(s) in float32, then cast."""
+    lead, n = sc.shape[:-1], sc.shape[-1]
+    b = qs.reshape(*lead, n, 8)
+    q = torch.cat((b & 0xF, b >> 4), dim=-1)
+    kv = torch.tensor(E2M1_X2, dtype=torch.float32, device=qs.device)
+    out = (kv[q.long()] * ue4m3_half(sc)[..., None]).reshape(*lead, n * NVFP4_BLOCK)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
 def quantize(x: torch.Tensor, qtype: str) -> torch.Tensor:
     """x [..., K] (any float dtype; computed in float32) -> raw GGUF bytes uint8 [..., K//32*type_size]."""
     if qtype == "mxfp4":
         qs, e = quantize_mxfp4(x)
         raw = torch.cat((e.unsqueeze(-1), qs.reshape(*e.shape, BLOCK // 2)), dim=-1)
+        return raw.reshape(*raw.shape[:-2], -1)
+    if qtype == "nvfp4":
+        qs, sc = quantize_nvfp4(x)
+        n = sc.shape[-1] // 4
+        raw = torch.cat((sc.reshape(*sc.shape[:-1], n, 4), qs.reshape(*qs.shape[:-1], n, 32)), dim=-1)
         return raw.reshape(*raw.shape[:-2], -1)
     return _assemble(*_quantize_planes(_blocks(x), qtype))
 
@@ -287,6 +378,14 @@ def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32
         b = raw.reshape(*raw.shape[:-1], -1, MXFP4_TYPE_SIZE)
         vals = dequantize_mxfp4(b[..., 1:].reshape(*raw.shape[:-1], -1), b[..., 0], dtype)
         return vals if out is None else out.copy_(vals)
+    if qtype == "nvfp4":
+        if raw.dtype != torch.uint8 or raw.shape[-1] % NVFP4_TYPE_SIZE:
+            raise ValueError(f"raw must be uint8 rows of whole {NVFP4_TYPE_SIZE}-byte nvfp4 blocks, "
+                             f"got {raw.dtype} {tuple(raw.shape)}")
+        lead = raw.shape[:-1]
+        b = raw.reshape(*lead, -1, NVFP4_TYPE_SIZE)
+        vals = dequantize_nvfp4(b[..., 4:].reshape(*lead, -1), b[..., :4].reshape(*lead, -1), dtype)
+        return vals if out is None else out.copy_(vals)
     return _dequantize_planes(*_split(raw, qtype), qtype, dtype, out)
 
 
@@ -308,8 +407,8 @@ class QuantWeight:
     min: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.qtype == "mxfp4":
-            raise ValueError("mxfp4 is an expert-weight format (quantize_mxfp4 / kernels.moe_gemm), "
+        if self.qtype in ("mxfp4", "nvfp4"):
+            raise ValueError(f"{self.qtype} is an expert-weight format (quantize_mxfp4 / kernels.moe_gemm), "
                              "not a QuantWeight qtype: the dense linear kernels do not read it")
         lay = layout(self.qtype)
         n, k = self.shape

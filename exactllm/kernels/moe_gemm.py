@@ -15,6 +15,11 @@ FP4 path (weight-only): ``w`` is MXFP4 as gguf defines it (formats/quant.py), sp
 fp32 accumulation. Hopper has no FP4 tensor cores, so FP4 here saves weight bytes (4.25 bits
 per weight), not math; activations stay BF16.
 
+NVFP4 path (weight-only, same kernel): planes as gguf lays NVFP4 out (formats/quant.py): ``w_qs``
+uint8 [E, N, K//2] (per 16-block: byte j = weight j low nibble, weight j+8 high) and ``w_s`` UE4M3
+scales uint8 [E, N, K//16], plus NVFP4's second level, one fp32 scale per expert ``w_g`` [E]
+applied to the fp32 accumulator (4.5 bits per weight).
+
 Every output row depends only on its own input row, the expert's weights and a fixed K tiling
 chosen from (N, K) alone, so the kernel is batch invariant by construction: the same token gives
 the same bits whatever else was routed to its expert.
@@ -30,7 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from exactllm.formats.quant import dequantize_mxfp4, quantize_mxfp4
+from exactllm.formats.quant import dequantize_mxfp4, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
 
 try:
     import triton
@@ -85,6 +90,18 @@ def grouped_gemm_mxfp4_ref(a, w_qs, w_e, offsets, out_dtype=None, a_rows=None, o
     """:func:`grouped_gemm_ref` with MXFP4 expert weights (planes w_qs [E, N, K//2], w_e [E, N, K//32])."""
     return grouped_gemm_ref(a, dequantize_mxfp4(w_qs, w_e), offsets, out_dtype=out_dtype or a.dtype,
                             a_rows=a_rows, out_rows=out_rows)
+
+
+def grouped_gemm_nvfp4_ref(a, w_qs, w_s, w_g, offsets, out_dtype=None, a_rows=None, out_rows=None):
+    """:func:`grouped_gemm_ref` with NVFP4 expert weights (planes w_qs [E, N, K//2], w_s [E, N, K//16],
+    per-expert fp32 scale w_g [E]): out = (a @ dequant(w_e).T) * w_g[e], in fp32."""
+    out = grouped_gemm_ref(a, dequantize_nvfp4(w_qs, w_s), offsets, out_dtype=torch.float32,
+                           a_rows=a_rows)
+    counts = (offsets[1:] - offsets[:-1]).cpu()
+    out *= torch.repeat_interleave(w_g.float(), counts.to(w_g.device))[:, None]
+    if out_rows is not None:
+        out = torch.empty_like(out).index_copy_(0, out_rows, out)
+    return out.to(out_dtype or a.dtype)
 
 
 def silu_mul_ref(h: torch.Tensor, quant: bool = False):
@@ -165,12 +182,37 @@ if triton is not None:
         return val * bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _grouped_gemm_mxfp4_kernel(a_ptr, qs_ptr, e_ptr, out_ptr, offsets_ptr, tile_expert_ptr, tile_first_ptr,
+    def _nvfp4_tile(qs_ptr, s_ptr, rn, kk, ok, stride_qn, stride_sn):
+        """Weight tile [BLOCK_K, BLOCK_N] (k-major) of one expert's NVFP4 planes, in fp32.
+
+        Weight k of a row sits in byte (k//16)*8 + k%8, low nibble for k%16 < 8, else high; its
+        value is the doubled E2M1 kvalue times half the UE4M3 scale of 16-block k//16."""
+        byte = (kk // 16) * 8 + (kk % 8)
+        shift = ((kk // 8) % 2) * 4
+        qb = tl.load(qs_ptr + rn[None, :].to(tl.int64) * stride_qn + byte[:, None], mask=ok, other=0)
+        nib = (qb.to(tl.int32) >> shift[:, None]) & 15
+        mag = nib & 7
+        big = (2 + (mag & 1)) << tl.maximum((mag >> 1) - 1, 0)
+        val = tl.where(mag < 4, mag, big).to(tl.float32)
+        val = tl.where(nib > 8, -val, val)
+        sb = tl.load(s_ptr + rn[None, :].to(tl.int64) * stride_sn + (kk // 16)[:, None], mask=ok, other=0)
+        sb = sb.to(tl.int32)
+        ex = (sb >> 3) & 15
+        man = sb & 7
+        pow2 = ((ex - 11 + 127) << 23).to(tl.float32, bitcast=True)
+        half = tl.where(ex == 0, man.to(tl.float32) * 0.0009765625, (8 + man).to(tl.float32) * pow2)
+        half = tl.where(sb == 0x7F, 0.0, half)
+        return val * half
+
+    @triton.jit
+    def _grouped_gemm_mxfp4_kernel(a_ptr, qs_ptr, e_ptr, g_ptr, out_ptr, offsets_ptr, tile_expert_ptr, tile_first_ptr,
                                    a_rows_ptr, out_rows_ptr, N, K, E, stride_am, stride_qe, stride_qn,
                                    stride_ee, stride_en, stride_om,
-                                   GATHER: tl.constexpr, SCATTER: tl.constexpr, PRECISION: tl.constexpr,
+                                   NVFP4: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                                   PRECISION: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Same tiling and tile map as _grouped_gemm_kernel; only the weight load differs.
+        # NVFP4: e_ptr holds the UE4M3 16-block scales and g_ptr the per-expert fp32 scale.
         pid_n = tl.program_id(0)
         tile = tl.program_id(1)
         e = tl.load(tile_expert_ptr + tile)
@@ -193,9 +235,14 @@ if triton is not None:
             kk = k0 + rk
             k_ok = kk < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = _mxfp4_tile(qs_base, e_base, rn, kk, k_ok[:, None] & n_ok[None, :], stride_qn, stride_en)
+            if NVFP4:
+                b = _nvfp4_tile(qs_base, e_base, rn, kk, k_ok[:, None] & n_ok[None, :], stride_qn, stride_en)
+            else:
+                b = _mxfp4_tile(qs_base, e_base, rn, kk, k_ok[:, None] & n_ok[None, :], stride_qn, stride_en)
             acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
+        if NVFP4:
+            acc = acc * tl.load(g_ptr + e)
         o_ptrs = out_ptr + ro[:, None].to(tl.int64) * stride_om + rn[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -282,30 +329,43 @@ def grouped_gemm(a, w, offsets, a_scale=None, w_scale=None, out_dtype=None, a_ro
     return out
 
 
-def grouped_gemm_mxfp4(a, w_qs, w_e, offsets, out_dtype=None, a_rows=None, out_rows=None):
-    """Triton grouped GEMM with in-kernel MXFP4 dequantization; same signature and meaning as
-    :func:`grouped_gemm_mxfp4_ref`. fp32 activations use an IEEE fp32 dot (no TF32)."""
-    assert a.stride(-1) == 1 and w_qs.stride(-1) == 1 and w_e.stride(-1) == 1
+def _grouped_gemm_fp4(a, w_qs, w_sc, w_g, offsets, out_dtype, a_rows, out_rows):
+    """Launch of the FP4 kernel: MXFP4 (w_g None, w_sc E8M0 per 32) or NVFP4 (UE4M3 per 16 + w_g)."""
+    nv = w_g is not None
+    assert a.stride(-1) == 1 and w_qs.stride(-1) == 1 and w_sc.stride(-1) == 1
     out_dtype = out_dtype or a.dtype
     M, K = a.shape
     E, N, _ = w_qs.shape
-    assert K % 32 == 0 and w_qs.shape[-1] == K // 2 and w_e.shape == (E, N, K // 32)
+    blk = 16 if nv else 32
+    assert K % blk == 0 and w_qs.shape[-1] == K // 2 and w_sc.shape == (E, N, K // blk)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0:
         return out
     cfg = _gemm_config(N, K, False)
-    cfg["BLOCK_K"] = max(cfg["BLOCK_K"], 32)  # whole 32-blocks per K step
+    cfg["BLOCK_K"] = max(cfg["BLOCK_K"], 32)  # whole scale blocks per K step
     bm = cfg["BLOCK_M"]
     max_tiles = triton.cdiv(M, bm) + E
     tile_expert, tile_first = tile_map(offsets, bm, max_tiles)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), max_tiles)
     _grouped_gemm_mxfp4_kernel[grid](
-        a, w_qs, w_e, out, offsets, tile_expert, tile_first,
+        a, w_qs, w_sc, w_g.float().contiguous() if nv else w_sc, out, offsets, tile_expert, tile_first,
         a_rows if a_rows is not None else offsets, out_rows if out_rows is not None else offsets, N, K, E,
-        a.stride(0), w_qs.stride(0), w_qs.stride(1), w_e.stride(0), w_e.stride(1), out.stride(0),
-        GATHER=a_rows is not None, SCATTER=out_rows is not None,
+        a.stride(0), w_qs.stride(0), w_qs.stride(1), w_sc.stride(0), w_sc.stride(1), out.stride(0),
+        NVFP4=nv, GATHER=a_rows is not None, SCATTER=out_rows is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
     return out
+
+
+def grouped_gemm_mxfp4(a, w_qs, w_e, offsets, out_dtype=None, a_rows=None, out_rows=None):
+    """Triton grouped GEMM with in-kernel MXFP4 dequantization; same signature and meaning as
+    :func:`grouped_gemm_mxfp4_ref`. fp32 activations use an IEEE fp32 dot (no TF32)."""
+    return _grouped_gemm_fp4(a, w_qs, w_e, None, offsets, out_dtype, a_rows, out_rows)
+
+
+def grouped_gemm_nvfp4(a, w_qs, w_s, w_g, offsets, out_dtype=None, a_rows=None, out_rows=None):
+    """Triton grouped GEMM with in-kernel NVFP4 dequantization; same signature and meaning as
+    :func:`grouped_gemm_nvfp4_ref`."""
+    return _grouped_gemm_fp4(a, w_qs, w_s, w_g, offsets, out_dtype, a_rows, out_rows)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,8 +404,14 @@ def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "tor
 
     ``w13`` is [E, 2F, H] (gate rows then up rows), ``w2`` [E, H, F]. For precision="fp8" the
     weights are pairs (fp8 tensor, per-channel scale) and activations are quantized per token.
-    For precision="fp4" the weights are MXFP4 plane pairs (qs, e) and activations stay in x.dtype.
+    For precision="fp4" the weights are MXFP4 plane pairs (qs, e) and activations stay in x.dtype;
+    for "nvfp4" NVFP4 triples (qs, ue4m3 scales, per-expert fp32 scale).
     """
+    if precision == "nvfp4":
+        gemm_nv = grouped_gemm_nvfp4 if backend == "triton" else grouped_gemm_nvfp4_ref
+        act = silu_mul if backend == "triton" else silu_mul_ref
+        h = gemm_nv(x, *w13, offsets, a_rows=rows)
+        return gemm_nv(act(h), *w2, offsets, out_rows=rows)
     if precision == "fp4":
         gemm4 = grouped_gemm_mxfp4 if backend == "triton" else grouped_gemm_mxfp4_ref
         act = silu_mul if backend == "triton" else silu_mul_ref
@@ -365,11 +431,30 @@ def expert_ffn(x, offsets, w13, w2, precision: str = "bf16", backend: str = "tor
     return gemm(act(h), w2, offsets, out_rows=rows)
 
 
+LOW_PRECISION_FORMATS = ("fp8", "fp4", "nvfp4")
+# Largest E2M1 value times the largest usable UE4M3 scale: gguf's (ggml's) fp32 -> UE4M3 encoder
+# sends every scale in [256, 448) to 448, so the top binade is unusable and 240 is the top.
+NVFP4_RANGE = 6.0 * 240.0
+
+
+def quantize_nvfp4_experts(w: torch.Tensor):
+    """[E, N, K] -> NVFP4 (qs, UE4M3 scales, per-expert fp32 scale g): the blocks encode w / g,
+    with g = max|w_e| / (6 * 240) so that the expert's largest block gets the top usable UE4M3
+    scale (without g, weights ~0.02 get subnormal block scales of 1-3 significant bits)."""
+    g = w.abs().amax((1, 2)).float() / NVFP4_RANGE
+    g = torch.where(g > 0, g, torch.ones_like(g))
+    qs, sc = quantize_nvfp4(w.float() / g[:, None, None])
+    return qs, sc, g
+
+
 def quantize_expert_weights(w: torch.Tensor, backend: str = "torch", fmt: str = "fp8"):
     """BF16 [E, N, K] -> fmt "fp8": (fp8 [E, N, K], per-output-channel scale [E, N]);
-    fmt "fp4": MXFP4 planes (qs uint8 [E, N, K//2], e uint8 [E, N, K//32]) (torch on every backend)."""
+    fmt "fp4": MXFP4 planes (qs uint8 [E, N, K//2], e uint8 [E, N, K//32]);
+    fmt "nvfp4": :func:`quantize_nvfp4_experts` (both FP4 formats: torch on every backend)."""
     if fmt == "fp4":
         return quantize_mxfp4(w)
+    if fmt == "nvfp4":
+        return quantize_nvfp4_experts(w)
     if fmt != "fp8":
-        raise ValueError(f"unknown low-precision format {fmt!r}; use 'fp8' or 'fp4'")
+        raise ValueError(f"unknown low-precision format {fmt!r}; use one of {', '.join(LOW_PRECISION_FORMATS)}")
     return (quantize_rows_fp8 if backend == "triton" else quantize_rows_fp8_ref)(w)
