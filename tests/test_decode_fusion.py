@@ -150,3 +150,37 @@ def test_select_mixes_greedy_picks_and_sampled_rows():
     assert lp == torch.log_softmax(x[1:2], -1)[0, tok].item(), f"seed {seed}"
     again = select(x, picks, params, [SeqRandom(1), SeqRandom(3), SeqRandom(2)], lambda z: torch.log_softmax(z, -1))
     assert again == got, "seeded sampling is reproducible"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_decode_attention_combines_in_kernel(dtype):
+    """Fast-mode decode merges its KV splits inside the attention kernel (the last split program
+    of each sequence and KV head to arrive): outputs match the reference across many splits,
+    a padding row (context 0, as CUDA graphs pad) gets zeros, the arrival counters are back to
+    zero after each call, and a second call gives the same bits."""
+    from exactllm.kernels import attention, attention_triton
+    gen, seed = fresh_gen()
+    hq, hkv, d, page = 6, 2, 16, 4
+    ctx = [9, 70, 0, 33]
+    n_pages = sum(-(-c // page) for c in ctx) + 2
+    kc = torch.randn(n_pages, page, hkv, d, generator=gen).to(dtype)
+    vc = torch.randn(n_pages, page, hkv, d, generator=gen).to(dtype)
+    free = torch.randperm(n_pages, generator=gen).tolist()
+    width = 20  # max_ctx 80: the split from the shapes is 16 keys, up to 5 splits per sequence
+    tables = torch.tensor([[free.pop() for _ in range(-(-c // page))] + [0] * (width - -(-c // page)) for c in ctx],
+                          dtype=torch.int32)
+    q = torch.randn(len(ctx), hq, d, generator=gen).to(dtype)
+    cu = torch.arange(len(ctx) + 1, dtype=torch.int32)
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    args = (q, kc, vc, cu, lens, tables, 0.3)
+    out = attention_triton.paged_attention(*args, tiles=(16, 16, 4), out=torch.full_like(q, float("nan")))
+    assert torch.equal(attention_triton._counters(q.device, 1), torch.zeros_like(attention_triton._counters(q.device, 1)))
+    real = [0, 1, 3]
+    up = [t.double() if t.is_floating_point() else t for t in args[:6]]
+    ref64 = attention.paged_attention_ref(up[0][real], up[1], up[2], torch.arange(4, dtype=torch.int32),
+                                          up[4][real], up[5][real], 0.3)
+    ref = attention.paged_attention_ref(q[real], kc, vc, torch.arange(4, dtype=torch.int32), lens[real], tables[real], 0.3)
+    assert rel(ref, ref64) <= BOUND[dtype] and rel(out[real], ref64) <= BOUND[dtype], f"seed {seed}"
+    assert torch.equal(out[2], torch.zeros_like(out[2])), "padding row"
+    again = attention_triton.paged_attention(*args, tiles=(16, 16, 4))
+    assert torch.equal(again, out), f"seed {seed}"

@@ -8,7 +8,9 @@ A program owns one query tile of one sequence and one KV head: BLOCK_Q tokens x 
 heads of that KV head (grouped-query heads share each K/V load), and one KV *split*: the key
 range [split * SPLIT, (split + 1) * SPLIT), walked in BLOCK_N chunks with an online softmax
 (scores in log2 units, exp2). Split partials (unnormalised acc, running max m, sum l) are
-merged by ``_combine_kernel`` one split after another, in split order.
+merged one split after another, in split order: by ``_combine_kernel``, or, in fast-mode decode,
+by the last split program of each (sequence, KV head) to finish (``_combine_if_last``: one
+launch per decode step instead of two).
 
 Batch invariance: SPLIT is a number of tokens (not a number of splits) and chunk boundaries
 are absolute key positions, so a query row meets the same chunks in the same order whatever
@@ -103,12 +105,13 @@ def _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, bt_ptr, tile_cu_ptr,
+def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, ctx_ptr, bt_ptr, tile_cu_ptr,
                  n_seqs, n_iter, qk_scale, T, HQ,
                  stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                 PRECISION: tl.constexpr, DECODE: tl.constexpr, INVARIANT: tl.constexpr):
+                 PRECISION: tl.constexpr, DECODE: tl.constexpr, INVARIANT: tl.constexpr,
+                 FUSED_COMBINE: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,10 +138,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
     d = tl.arange(0, HEAD_DIM)
     row = (q_start + tok).to(tl.int64)
     o_ptrs = o_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    if not SPLIT_OUT:
+    if FUSED_COMBINE or not SPLIT_OUT:
         if kv_end <= 0:  # padding rows (no context): zeros, as the combine kernel writes
-            tl.store(o_ptrs, tl.zeros((BLOCK_M, HEAD_DIM), tl.float32).to(o_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            if split == 0:
+                tl.store(o_ptrs, tl.zeros((BLOCK_M, HEAD_DIM), tl.float32).to(o_ptr.dtype.element_ty),
+                         mask=row_ok[:, None])
             return
     lo = split * SPLIT
     if lo >= kv_end:
@@ -173,10 +177,44 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cu_q_ptr, ctx_ptr, 
         tl.store(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
         tl.store(ml_ptr + base * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + base * 2 + 1, l_i, mask=row_ok)
+        if FUSED_COMBINE:
+            _combine_if_last(ws_ptr, ml_ptr, cnt_ptr + s * tl.num_programs(1) + kvh, o_ptrs, row, head, row_ok, d,
+                             tl.cdiv(kv_end, SPLIT), T, HQ, HEAD_DIM)
     else:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_if_last(ws_ptr, ml_ptr, cnt_ptr, o_ptrs, row, head, row_ok, d, n_active, T, HQ, HEAD_DIM: tl.constexpr):
+    """Fast-mode decode: the last of a (sequence, KV head)'s n_active split programs to finish
+    merges all their partials, split 0 first, so no combine kernel is launched. Each program
+    counts itself in at cnt_ptr after its partials are stored (barrier, then an acq_rel atomic
+    at GPU scope); the last one resets the counter to 0 for the next launch and reads the
+    partials past L1 (.cg). Counters are shared per device: one stream at a time."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_active - 1:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+        base = row * HQ + head
+        m = tl.load(ml_ptr + base * 2, mask=row_ok, other=0.0, cache_modifier=".cg")
+        l = tl.load(ml_ptr + base * 2 + 1, mask=row_ok, other=1.0, cache_modifier=".cg")
+        acc = tl.load(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
+                      cache_modifier=".cg")
+        for i in range(1, n_active):
+            b = (i * T + row) * HQ + head
+            m_i = tl.load(ml_ptr + b * 2, mask=row_ok, other=0.0, cache_modifier=".cg")
+            l_i = tl.load(ml_ptr + b * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+            a_i = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
+                          cache_modifier=".cg")
+            m_new = tl.maximum(m, m_i)
+            wa = tl.exp2(m - m_new)
+            wb = tl.exp2(m_i - m_new)
+            acc = acc * wa[:, None] + a_i * wb[:, None]
+            l = l * wa + l_i * wb
+            m = m_new
+        tl.store(o_ptrs, (acc / l[:, None]).to(o_ptrs.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -223,6 +261,19 @@ def _fast_decode_split(n_seqs: int, n_kv: int, max_ctx: int, block_n: int) -> in
     split = -(-max_ctx // want)
     split = -(-split // block_n) * block_n
     return max(block_n, split)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device int32 arrival counters of the fused decode combine, zero between launches
+    (each launch's last programs reset theirs). Allocated once, large enough for 512 sequences
+    x 32 KV heads, so CUDA-graph capture never allocates them."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -275,16 +326,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ml = torch.empty(n_splits, T, HQ, 2, dtype=torch.float32, device=q.device)
     else:
         ws = ml = out
+    fused = split_out and decode and kv_split is None
+    counters = _counters(q.device, n_seqs * HKV) if fused else out
     qk_scale = scale * 1.4426950408889634  # log2(e): scores in log2 units for exp2
     _attn_kernel[(n_tiles, HKV, n_splits)](
-        q, k_cache, v_cache, out, ws, ml, cu_seqlens_q, context_lens, block_tables, tile_cu,
+        q, k_cache, v_cache, out, ws, ml, counters, cu_seqlens_q, context_lens, block_tables, tile_cu,
         n_seqs, n_iter, qk_scale, T, HQ,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn, HEAD_DIM=D, PAGE=page, SPLIT=split,
         SPLIT_OUT=split_out, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode,
-        INVARIANT=kv_split is not None, num_warps=warps)
-    if split_out:
+        INVARIANT=kv_split is not None, FUSED_COMBINE=fused, num_warps=warps)
+    if split_out and not fused:
         _combine_kernel[(T,)](ws, ml, out, cu_seqlens_q, context_lens, n_seqs, max(1, n_seqs.bit_length()), T, HQ,
                               out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(HQ),
                               SPLIT=split, DECODE=decode, num_warps=4)
