@@ -1,6 +1,10 @@
-"""Triton TBIK matmul under the interpreter (small sizes): accuracy against float64, and bit
-identity across M (row alone vs inside batches), across the in-GPU split of the tree's top
-levels, and across a K split into 2/4/8 TP partials combined by combine_partials."""
+"""Triton TBIK matmul under the interpreter (small sizes): accuracy against float64, the leaf
+plan, and bit identity across M (row alone vs inside batches), across the split of the tree's
+top levels over programs (combined in-kernel), across launch variants (flat/unrolled loop,
+stack top in memory), and across a K split into 2/4/8 TP partials combined by
+combine_partials; plus the converse: a different tree (leaf length, combine order) changes bits.
+Whether the tile shape changes bits on the GPU is checked by bench/tbik_matmul.py (the
+interpreter's dot is a numpy matmul per chunk, not the GPU's MMA)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,13 +12,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import exactllm.kernels.tree_matmul_triton as tk  # noqa: E402
 from exactllm.kernels.tree import combine_partials  # noqa: E402
-from exactllm.kernels.tree_matmul_triton import (tbik_matmul, tbik_matmul_partial,  # noqa: E402
+from exactllm.kernels.tree_matmul_triton import (Config, tbik_matmul, tbik_matmul_partial,  # noqa: E402
                                                  tbik_matmul_ref)
 
-# K=256: one 32-tile per piece; K=768: 3 tiles per piece (padded to 4); K=1408 (=5632/4):
-# 11 tiles of 16 per piece (padded to 16, four stack levels).
+# K=256: 8 leaves of 32; K=768: 8 leaves of 96 (chunks of 32); K=1408 (=5632/4): 8 leaves of 176
+# (chunks of 16).  With MAX_LEAF=32 the pieces hold several leaves (K=768: 4 leaves of 24 per
+# piece, masked chunks; K=1408: 48,48,48,32 per piece).
 KS = [256, 768, 1408]
+CFG = Config(32, 32, 4, 2)
 
 
 def rel_err(a, ref):
@@ -26,42 +33,90 @@ def _inputs(K, dtype, M=70, N=40, seed=0):
     return torch.randn(M, K, generator=g).to(dtype), (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
 
 
+@pytest.fixture(params=[1024, 32], ids=["leaf1024", "leaf32"])
+def max_leaf(request, monkeypatch):
+    monkeypatch.setattr(tk, "MAX_LEAF", request.param)
+    return request.param
+
+
+def test_leaf_plan():
+    assert tk.leaf_plan(256) == (1, 256) and tk.leaf_plan(704) == (1, 704)   # TinyLlama K/8
+    assert tk.leaf_plan(2048) == (2, 1024) and tk.leaf_plan(1040) == (2, 576)
+    for L in range(1, 5000, 7):
+        nlp, leaf = tk.leaf_plan(L)
+        assert nlp & (nlp - 1) == 0 and leaf <= tk.MAX_LEAF and -(-L // leaf) == nlp, L
+    assert tk.tree_shape(5632, 1) == (8, 704, 704, 1, 64)
+    assert tk.tree_shape(704, 8) == (1, 704, 704, 1, 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("K", KS)
-def test_accuracy_vs_float64(K, dtype):
+def test_accuracy_vs_float64(K, dtype, max_leaf):
     """FP32 accumulation of exact products: ||y - y64|| / ||y64|| < 1e-6, kernel and reference."""
     x, w = _inputs(K, dtype)
     ref = x.double() @ w.double().T
-    y = tbik_matmul(x, w)
+    y = tbik_matmul(x, w, config=CFG)
     assert y.dtype == torch.float32 and y.shape == ref.shape
     assert rel_err(y, ref) < 1e-6
     assert rel_err(tbik_matmul_ref(x, w), ref) < 1e-6
-    assert tbik_matmul(x, w, out_dtype=dtype).dtype == dtype
+    y16 = tbik_matmul(x, w, out_dtype=dtype, config=CFG)
+    assert y16.dtype == dtype
+    if dtype == torch.bfloat16:   # the interpreter truncates bf16 stores (the GPU rounds to nearest:
+        ulp = torch.finfo(dtype).eps * y.abs().to(dtype).float()   # bench/tbik_matmul.py checks it)
+        assert ((y16.float() - y.to(dtype).float()).abs() <= ulp).all()
+    else:
+        assert torch.equal(y16, y.to(dtype))   # rounded once, on store
 
 
 @pytest.mark.parametrize("K", KS)
-def test_invariant_across_m_splits_and_tp(K):
+def test_invariant_across_m_splits_variants_and_tp(K, max_leaf):
     x, w = _inputs(K, torch.bfloat16)
-    y = tbik_matmul(x, w, splits=1)
+    y = tbik_matmul(x, w, splits=1, config=CFG)
     for s in (2, 4, 8):                            # tree top levels cut across programs
-        assert torch.equal(tbik_matmul(x, w, splits=s), y)
+        assert torch.equal(tbik_matmul(x, w, splits=s, config=CFG), y)
+    assert int(tk._counters(x.device).abs().sum()) == 0        # the last program resets them
+    for cfg in (CFG._replace(unroll=True), CFG._replace(spill_top=True),
+                CFG._replace(unroll=True, spill_top=True)):
+        for s in (1, 2):
+            assert torch.equal(tbik_matmul(x, w, splits=s, config=cfg), y)
     for start, m in ((5, 1), (0, 3), (33, 37), (6, 64)):   # other rows, other places in the block
-        assert torch.equal(tbik_matmul(x[start:start + m], w), y[start:start + m])
+        assert torch.equal(tbik_matmul(x[start:start + m], w, config=CFG), y[start:start + m])
+        assert torch.equal(tbik_matmul(x[start:start + m], w, config=CFG, splits=4), y[start:start + m])
     for parts in (2, 4, 8):                        # K over TP ranks, partials combined in order
         k = K // parts
-        partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k], parts)
+        partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k], parts, config=CFG)
                     for r in range(parts)]
         assert torch.equal(combine_partials(partials), y)
 
 
+def test_default_config_path():
+    """No config given: pick_config / default_splits choose (here 64x64 tiles, split 2 ways)."""
+    x, w = _inputs(256, torch.bfloat16, M=3, N=200)
+    y = tbik_matmul(x, w)
+    assert rel_err(y, x.double() @ w.double().T) < 1e-6
+    assert torch.equal(tbik_matmul(x[1:2], w), y[1:2])
+
+
+def test_other_tree_differs(monkeypatch):
+    """A different tree over the same data changes bits (so the checks above can fail):
+    shorter leaves (MAX_LEAF 32 vs 1024) for K=768 and 1408."""
+    for K in (768, 1408):
+        x, w = _inputs(K, torch.bfloat16, seed=2)
+        y = tbik_matmul(x, w, config=CFG)
+        monkeypatch.setattr(tk, "MAX_LEAF", 32)
+        y_short = tbik_matmul(x, w, config=CFG)
+        monkeypatch.setattr(tk, "MAX_LEAF", 1024)
+        assert not torch.equal(y, y_short)
+
+
 def test_combine_order_matters():
-    """Summing the same 8 partials left to right instead of by tree changes bits (so the
-    TP checks above can fail)."""
+    """Summing the same 8 partials left to right instead of by tree changes bits."""
     found = False
     for K in KS:
         x, w = _inputs(K, torch.bfloat16, seed=1)
         k = K // 8
-        partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k], 8) for r in range(8)]
+        partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k], 8, config=CFG)
+                    for r in range(8)]
         seq = partials[0]
         for p in partials[1:]:
             seq = seq + p
@@ -75,3 +130,5 @@ def test_rejects_bad_split():
         tbik_matmul_partial(x, w, 3)
     with pytest.raises(ValueError):
         tbik_matmul(x, w, splits=3)
+    with pytest.raises(ValueError):
+        tbik_matmul(x, w, splits=16)

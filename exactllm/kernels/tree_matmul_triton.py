@@ -1,24 +1,31 @@
 """TBIK matmul in Triton: y = x @ w.T with the K reduction along one fixed binary tree.
 
-The tree is the one of kernels/tree.py at tile granularity: K is cut into P = k_pieces(K)
-equal pieces (P <= 8, the deepest TP split); each piece into T = ceil(L / BLOCK_K) tiles
-(BLOCK_K a function of the piece length L only).  A leaf is one ``tl.dot`` of a tile into a
-fresh FP32 accumulator.  Inside a program, leaves are merged like a binary counter: a stack of
-log2 levels of FP32 partials, where pushing leaf t merges it with the stored partial of every
-level whose bit of t is set.  A piece with T < 2^levels tiles is padded with (skipped) zero
-leaves: its root folds the remaining stack from the lowest level up.  Piece roots are pushed
-on a second counter of log2(P) levels.
+The tree (a function of K alone).  K is cut into P = k_pieces(K) equal pieces of length L
+(P <= 8, the deepest TP split, as in kernels/tree.py); each piece into NLP leaves (NLP a power
+of two, 1 while L <= MAX_LEAF) of LEAF elements, the last one possibly shorter (``leaf_plan``).
+A leaf is a sequential FP32 accumulation of its own products (``acc = tl.dot(a, b, acc)`` over
+its K chunks from a zero accumulator); the P * NLP leaf roots are then summed by adding
+adjacent pairs level by level.  TinyLlama: K=2048 -> 8 leaves of 256, K=5632 -> 8 of 704.
 
-Nothing depends on M: tile sizes are fixed, so a row's bits do not depend on the batch.
-The top levels of the tree over pieces may be cut at any power of two: across programs
-(``splits``, chosen from the grid size to fill the GPU at small M) or across TP ranks
-(``parts``); each cut's roots are combined by ``combine_partials`` in order, which is the
-same sequence of FP32 additions as the in-program counter.  So TP=1/2/4/8 and every split
-give identical bits.
+Inside a program the leaves are merged by a binary counter: a stack of log2(leaves) FP32
+partials in registers (``_push``), so no partial goes through memory, except the stack's top
+level when ``SPILL_TOP`` (one store and one load of the tile, to free registers for large
+tiles).  The top levels of the tree may be cut at any power of two: across programs
+(``splits``, chosen from the grid size to fill the GPU at small M: the last program of a tile,
+found by an atomic counter, combines the splits' roots in split order) or across TP ranks
+(``parts``: ``combine_partials`` finishes the tree in rank order).  Both are the same FP32
+additions as the in-program counter, so TP=1/2/4/8 and every split give identical bits.
+
+Nothing in the arithmetic depends on M: the tree is fixed by K, the chunk size BK by the tree
+(so every chunk boundary, hence every k16 MMA step, sits at the same K offsets), and the
+tile sizes BLOCK_M/BLOCK_N only choose which program computes an output element.  Tile
+configs therefore may follow M (``pick_config``); bench/tbik_matmul.py checks on the GPU that
+every config gives the same bits.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,217 +33,363 @@ import triton.language as tl
 
 from exactllm.kernels.tree import combine_partials, k_pieces
 
-# Fixed tiles (never chosen by M); 64x64 / 4 warps was fastest on most TinyLlama shapes (H100).
-BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 64, 4, 3
-MAX_TILE_LEVELS = 5   # up to 32 tiles per piece
+MAX_LEAF = 1024      # longest sequential leaf (elements of K)
+MAX_DEPTH = 6        # up to 64 leaves per program
+MAX_SPLITS = 8       # programs that may share one output tile
+_N_COUNTERS = 1 << 16
 
 
-@triton.jit
-def _push(c, i, s0, s1, s2, s3, s4, DEPTH: tl.constexpr):
-    """Push node ``c`` as node ``i`` (0-based) of a counter over 2**DEPTH nodes.  Returns the
-    carry (the full root after the last push) and the updated stack."""
-    if DEPTH > 0:
-        if i % 2 == 0:
-            s0 = c
-        else:
-            c = s0 + c
-            if DEPTH > 1:
-                if (i // 2) % 2 == 0:
-                    s1 = c
-                else:
-                    c = s1 + c
-                    if DEPTH > 2:
-                        if (i // 4) % 2 == 0:
-                            s2 = c
-                        else:
-                            c = s2 + c
-                            if DEPTH > 3:
-                                if (i // 8) % 2 == 0:
-                                    s3 = c
-                                else:
-                                    c = s3 + c
-                                    if DEPTH > 4:
-                                        if (i // 16) % 2 == 0:
-                                            s4 = c
-                                        else:
-                                            c = s4 + c
-    return c, s0, s1, s2, s3, s4
+class Config(NamedTuple):
+    """Launch shape of one call; none of it changes the bits (see module docstring)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    spill_top: bool = False   # keep the stack's top level in memory (frees registers)
+    unroll: bool = False      # leaves unrolled (compile-time stack) instead of one flat loop
 
 
-@triton.jit
-def _fold(c, s0, s1, s2, s3, s4, T: tl.constexpr, DEPTH: tl.constexpr):
-    """Root of a counter over 2**DEPTH nodes after T pushes, the missing ones being zeros."""
-    if T == (1 << DEPTH):
-        r = c
-    else:
-        r = c   # overwritten below: the lowest set bit of T starts the fold
-        if T % 2 == 1:
-            r = s0
-        if (T // 2) % 2 == 1:
-            if T % 2 != 0:
-                r = s1 + r
-            else:
-                r = s1
-        if (T // 4) % 2 == 1:
-            if T % 4 != 0:
-                r = s2 + r
-            else:
-                r = s2
-        if (T // 8) % 2 == 1:
-            if T % 8 != 0:
-                r = s3 + r
-            else:
-                r = s3
-        if (T // 16) % 2 == 1:
-            if T % 16 != 0:
-                r = s4 + r
-            else:
-                r = s4
-    return r
+class TreeShape(NamedTuple):
+    local_leaves: int   # leaves of this rank's subtree (a power of two)
+    piece_len: int      # L
+    leaf: int           # LEAF
+    leaves_per_piece: int
+    block_k: int        # K chunk of the loop: a function of (L, LEAF) only
 
 
-@triton.jit
-def _tbik_kernel(x_ptr, w_ptr, out_ptr, M, N,
-                 stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
-                 L: tl.constexpr, T: tl.constexpr, TILE_LEVELS: tl.constexpr,
-                 PIECES: tl.constexpr, PIECE_LEVELS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    m_ok = rm < M
-    n_ok = rn < N
-    zero = tl.zeros((BM, BN), dtype=tl.float32)
-    s0, s1, s2, s3, s4 = zero, zero, zero, zero, zero
-    p0, p1, p2, p3, p4 = zero, zero, zero, zero, zero
-    c = zero
-    root = zero
-    for p in range(PIECES):
-        k0 = (pid_s * PIECES + p) * L
-        for t in range(T):
-            k = t * BK + rk
-            if L % BK == 0:
-                a_mask = m_ok[:, None]
-                b_mask = n_ok[None, :]
-            else:
-                a_mask = m_ok[:, None] & (k < L)[None, :]
-                b_mask = n_ok[None, :] & (k < L)[:, None]
-            a = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + k)[None, :] * stride_xk, mask=a_mask, other=0.0)
-            b = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + k)[:, None] * stride_wk, mask=b_mask, other=0.0)
-            if UPCAST:   # the interpreter's bf16 dot is broken (triton 3.9); bf16 -> fp32 is exact
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            leaf = tl.dot(a, b, input_precision=PREC)
-            c, s0, s1, s2, s3, s4 = _push(leaf, t, s0, s1, s2, s3, s4, TILE_LEVELS)
-        piece = _fold(c, s0, s1, s2, s3, s4, T, TILE_LEVELS)
-        root, p0, p1, p2, p3, p4 = _push(piece, p, p0, p1, p2, p3, p4, PIECE_LEVELS)
-    out = out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out, root, mask=m_ok[:, None] & n_ok[None, :])
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def _levels(n: int) -> int:
     return (n - 1).bit_length()
 
 
-def block_k_for(piece_len: int) -> int:
-    """Leaf tile size along K: the largest of 128/64/32/16 dividing the piece (no masked tail),
-    else 64.  A function of K alone, never of M or of the TP split."""
-    for bk in (128, 64, 32, 16):
-        if piece_len % bk == 0:
+def leaf_plan(piece_len: int) -> "tuple[int, int]":
+    """(leaves per piece NLP, leaf length LEAF) for a piece of ``piece_len`` elements: NLP the
+    fewest power of two leaves of <= MAX_LEAF; LEAF rounded up to a multiple of 64 (else 16,
+    else 1) as long as that still yields exactly NLP non-empty leaves."""
+    nlp = _pow2(-(-piece_len // MAX_LEAF))
+    for grain in (64, 16, 1):
+        leaf = -(-(-(-piece_len // nlp)) // grain) * grain
+        if -(-piece_len // leaf) == nlp:
+            return nlp, leaf
+    raise AssertionError("unreachable: grain 1 always gives nlp leaves")
+
+
+def block_k_for(piece_len: int, leaf: int) -> int:
+    """K chunk: the largest of 64/32/16 dividing every leaf (no masked tail), else 64."""
+    last = piece_len - (piece_len - 1) // leaf * leaf
+    for bk in (64, 32, 16):
+        if leaf % bk == 0 and last % bk == 0:
             return bk
     return 64
 
 
-def default_splits(M: int, N: int, local_pieces: int, n_sm: int) -> int:
-    """Programs per output tile (a power of two <= local_pieces): enough to fill the GPU."""
-    tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
-    s = 1
-    while s < local_pieces and tiles * s * 2 <= 2 * n_sm:
-        s *= 2
-    return s
-
-
-def _tree_shape(K_local: int, parts: int):
+def tree_shape(K_local: int, parts: int) -> TreeShape:
     K = K_local * parts
     pieces = k_pieces(K)
     if parts < 1 or parts & (parts - 1) or parts > pieces:
         raise ValueError(f"K={K} cannot be split into {parts} subtrees (tree has {pieces} pieces)")
     L = K // pieces
-    bk = block_k_for(L)
-    T = triton.cdiv(L, bk)
-    if _levels(T) > MAX_TILE_LEVELS:
-        raise ValueError(f"K={K}: {T} tiles per piece exceed the {2 ** MAX_TILE_LEVELS} supported")
-    return pieces // parts, L, bk, T
+    nlp, leaf = leaf_plan(L)
+    local = pieces // parts * nlp
+    if _levels(local) > MAX_DEPTH:
+        raise ValueError(f"K={K}: {local} leaves per rank exceed the {1 << MAX_DEPTH} supported")
+    return TreeShape(local, L, leaf, nlp, block_k_for(L, leaf))
+
+
+@triton.jit
+def _push(c, g, s0, s1, s2, s3, s4, s5, DEPTH: tl.constexpr):
+    """Push leaf ``c`` as leaf ``g`` (0-based) of a counter over 2**DEPTH leaves, g below the
+    last.  Returns the carry (the merged subtree when all DEPTH low bits of g are set) and the
+    updated stack s0..s5 (level l holds the root of a complete subtree of 2**l leaves)."""
+    if DEPTH > 0:
+        if g % 2 == 0:
+            s0 = c
+        else:
+            c = s0 + c
+            if DEPTH > 1:
+                if (g // 2) % 2 == 0:
+                    s1 = c
+                else:
+                    c = s1 + c
+                    if DEPTH > 2:
+                        if (g // 4) % 2 == 0:
+                            s2 = c
+                        else:
+                            c = s2 + c
+                            if DEPTH > 3:
+                                if (g // 8) % 2 == 0:
+                                    s3 = c
+                                else:
+                                    c = s3 + c
+                                    if DEPTH > 4:
+                                        if (g // 16) % 2 == 0:
+                                            s4 = c
+                                        else:
+                                            c = s4 + c
+                                            if DEPTH > 5:
+                                                if (g // 32) % 2 == 0:
+                                                    s5 = c
+                                                else:
+                                                    c = s5 + c
+    return c, s0, s1, s2, s3, s4, s5
+
+
+@triton.jit
+def _drain(c, s0, s1, s2, s3, s4, s5, DEPTH: tl.constexpr):
+    """Root after the last leaf ``c`` (all DEPTH bits set): merge it up through the stack."""
+    if DEPTH > 0:
+        c = s0 + c
+    if DEPTH > 1:
+        c = s1 + c
+    if DEPTH > 2:
+        c = s2 + c
+    if DEPTH > 3:
+        c = s3 + c
+    if DEPTH > 4:
+        c = s4 + c
+    if DEPTH > 5:
+        c = s5 + c
+    return c
+
+
+@triton.jit
+def _leaf_chunk(acc, x_rows, w_cols, stride_xk, stride_wk, m_ok, n_ok, rk, gl, c,
+                L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr, BK: tl.constexpr,
+                EVEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + the products of chunk ``c`` of leaf ``gl`` (of this rank's subtree)."""
+    if EVEN:     # equal leaves, whole chunks: leaf gl starts at gl * LEAF
+        k = gl * LEAF + c * BK + rk
+        a_mask = m_ok[:, None]
+        b_mask = n_ok[None, :]
+    else:
+        p = gl // NLP
+        j = gl - p * NLP
+        k = p * L + j * LEAF + c * BK + rk
+        k_ok = k < p * L + tl.minimum((j + 1) * LEAF, L)
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        b_mask = n_ok[None, :] & k_ok[:, None]
+    a = tl.load(x_rows + k[None, :] * stride_xk, mask=a_mask, other=0.0)
+    b = tl.load(w_cols + k[:, None] * stride_wk, mask=b_mask, other=0.0)
+    if UPCAST:   # the interpreter's bf16 dot is broken (triton 3.9); bf16 -> fp32 is exact
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _round(v, out_ptr):
+    """FP32 -> the output's dtype, round to nearest even (as torch's .to)."""
+    if out_ptr.dtype.element_ty == tl.float32:
+        return v
+    return v.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+
+
+@triton.jit(do_not_specialize=["M"])
+def _tbik_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+                 L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr,
+                 LEAVES: tl.constexpr, DEPTH: tl.constexpr, SPLITS: tl.constexpr,
+                 SPILL_TOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    pid = tl.program_id(0)
+    split = pid % SPLITS
+    tile = pid // SPLITS
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_n                     # grouped order: neighbours share x rows in L2
+    first_m = (tile // per_group) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_m
+    pid_n = (tile % per_group) // group_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_cols = w_ptr + rn[None, :] * stride_wn
+    CPL: tl.constexpr = (LEAF + BK - 1) // BK      # chunks per leaf
+    EVEN: tl.constexpr = (LEAF % BK == 0) and (L % LEAF == 0)
+    PUSH_DEPTH: tl.constexpr = DEPTH - 1 if SPILL_TOP else DEPTH
+    zero = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = zero
+    s0, s1, s2, s3, s4, s5 = zero, zero, zero, zero, zero, zero
+    if UNROLL:   # leaves unrolled: the stack logic is resolved at compile time
+        for g in tl.static_range(LEAVES):
+            acc = zero
+            for c in range(CPL):
+                acc = _leaf_chunk(acc, x_rows, w_cols, stride_xk, stride_wk, m_ok, n_ok, rk,
+                                  split * LEAVES + g, c, L, LEAF, NLP, BK, EVEN, PREC, UPCAST)
+            if g < LEAVES - 1:
+                top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
+                if SPILL_TOP:
+                    if g == LEAVES // 2 - 1:
+                        tl.store(ws_ptr + split * M * N + rm[:, None] * N + rn[None, :], top,
+                                 mask=m_ok[:, None] & n_ok[None, :])
+    else:        # one flat loop over the chunks, pipelined across leaf boundaries
+        for i in range(LEAVES * CPL):
+            g = i // CPL                               # leaf within this program
+            c = i - g * CPL                            # chunk within the leaf
+            acc = _leaf_chunk(acc, x_rows, w_cols, stride_xk, stride_wk, m_ok, n_ok, rk,
+                              split * LEAVES + g, c, L, LEAF, NLP, BK, EVEN, PREC, UPCAST)
+            if (c == CPL - 1) & (g < LEAVES - 1):
+                top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
+                if SPILL_TOP:
+                    if g == LEAVES // 2 - 1:           # left half of the program's tree is done
+                        tl.store(ws_ptr + split * M * N + rm[:, None] * N + rn[None, :], top,
+                                 mask=m_ok[:, None] & n_ok[None, :])
+                acc = zero
+    root = _drain(acc, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    ws_tile = ws_ptr + rm[:, None] * N + rn[None, :]
+    if SPILL_TOP:
+        root = tl.load(ws_tile + split * M * N, mask=out_mask, other=0.0) + root
+    out = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    if SPLITS == 1:
+        tl.store(out, _round(root, out_ptr), mask=out_mask)
+    else:
+        tl.store(ws_tile + split * M * N, root, mask=out_mask)
+        tl.debug_barrier()                         # every thread's store precedes the release
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:                  # last of the tile: combine in split order
+            r = (tl.load(ws_tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                 + tl.load(ws_tile + M * N, mask=out_mask, other=0.0, cache_modifier=".cg"))
+            if SPLITS >= 4:
+                r = r + (tl.load(ws_tile + 2 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                         + tl.load(ws_tile + 3 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg"))
+            if SPLITS == 8:
+                r = r + ((tl.load(ws_tile + 4 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                          + tl.load(ws_tile + 5 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg"))
+                         + (tl.load(ws_tile + 6 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                            + tl.load(ws_tile + 7 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")))
+            tl.store(out, _round(r, out_ptr), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")   # ready for the next call
+
+
+# ---- host side ---------------------------------------------------------------------------
+
+_DEVICE_SMS: dict = {}
+_COUNTERS: dict = {}
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    n = _DEVICE_SMS.get(device.index)
+    if n is None:
+        n = _DEVICE_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Per-tile arrival counters of the split combine: zero between calls (the last program
+    of each tile resets its own), allocated once per device.  Calls on one device must not run
+    concurrently on two streams."""
+    key = (device.type, device.index)
+    c = _COUNTERS.get(key)
+    if c is None:
+        c = _COUNTERS[key] = torch.zeros(_N_COUNTERS, dtype=torch.int32, device=device)
+    return c
+
+
+def pick_config(M: int, N: int, K_local: int, local_leaves: int) -> Config:
+    """Tile config by M bucket (any config gives the same bits; measured on H100)."""
+    if M <= 64:
+        return Config(64, 64, 4, 4)
+    if M <= 256:
+        return Config(64, 128, 4, 4)
+    depth = _levels(local_leaves)
+    return Config(128, 128, 8, 4, spill_top=depth >= 3)
+
+
+def default_splits(M: int, N: int, cfg: Config, local_leaves: int, n_sm: int) -> int:
+    """Programs per output tile (a power of two <= the rank's leaves): enough to fill the GPU."""
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    s = 1
+    while s < min(local_leaves, MAX_SPLITS) and tiles * s * 2 <= n_sm and tiles * s * 2 <= _N_COUNTERS:
+        s *= 2
+    return s
 
 
 def _dense(w, dtype):
     return w if isinstance(w, torch.Tensor) else w.dequantize(dtype)  # QuantWeight
 
 
-def tbik_matmul_partial(x_local: torch.Tensor, w_local, parts: int = 1, splits: "int | None" = None) -> torch.Tensor:
+def _launch(x, w, parts, out_dtype, splits, config):
+    w = _dense(w, x.dtype)
+    if w.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but w is {w.dtype}")
+    M, K_local = x.shape
+    N = w.shape[0]
+    ts = tree_shape(K_local, parts)
+    cfg = config or pick_config(M, N, K_local, ts.local_leaves)
+    if splits is None:
+        splits = default_splits(M, N, cfg, ts.local_leaves, _n_sm(x.device))
+    if splits < 1 or splits & (splits - 1) or splits > min(ts.local_leaves, MAX_SPLITS):
+        raise ValueError(f"splits={splits} must be a power of two <= min({ts.local_leaves}, {MAX_SPLITS})")
+    leaves = ts.local_leaves // splits
+    spill = cfg.spill_top and leaves > 1
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if splits > 1 and tiles > _N_COUNTERS:
+        raise ValueError(f"{tiles} output tiles exceed the {_N_COUNTERS} split counters")
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    ws = torch.empty((splits, M, N) if (splits > 1 or spill) else (1,), dtype=torch.float32, device=x.device)
+    cnt = _counters(x.device) if splits > 1 else ws
+    _tbik_kernel[(tiles * splits,)](
+        x, w, out, ws, cnt, M, N,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        L=ts.piece_len, LEAF=ts.leaf, NLP=ts.leaves_per_piece, LEAVES=leaves, DEPTH=_levels(leaves),
+        SPLITS=splits, SPILL_TOP=spill, BM=cfg.block_m, BN=cfg.block_n, BK=ts.block_k, GROUP_M=8,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", UNROLL=cfg.unroll,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def tbik_matmul_partial(x_local: torch.Tensor, w_local, parts: int = 1, splits: "int | None" = None,
+                        config: "Config | None" = None) -> torch.Tensor:
     """This rank's subtree root (FP32 [M, N]) of x @ w.T where the global K is split into
     ``parts`` equal contiguous slices; x_local [M, K/parts], w_local [N, K/parts] (bf16, fp16 or
-    fp32; a QuantWeight is dequantized to x's dtype).  ``splits`` overrides the number of
-    programs that share one output tile (any choice gives the same bits)."""
-    w_local = _dense(w_local, x_local.dtype)
-    if w_local.dtype != x_local.dtype:
-        raise TypeError(f"x is {x_local.dtype} but w is {w_local.dtype}")
-    M, K_local = x_local.shape
-    N = w_local.shape[0]
-    local_pieces, L, bk, T = _tree_shape(K_local, parts)
-    if splits is None:
-        n_sm = (torch.cuda.get_device_properties(x_local.device).multi_processor_count
-                if x_local.is_cuda else 132)
-        splits = default_splits(M, N, local_pieces, n_sm)
-    if splits < 1 or local_pieces % splits or splits & (splits - 1):
-        raise ValueError(f"splits={splits} must be a power of two dividing {local_pieces}")
-    per_prog = local_pieces // splits
-    out = torch.empty((splits, M, N), dtype=torch.float32, device=x_local.device)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), splits)
-    _tbik_kernel[grid](
-        x_local, w_local, out, M, N,
-        x_local.stride(0), x_local.stride(1), w_local.stride(0), w_local.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        L=L, T=T, TILE_LEVELS=_levels(T), PIECES=per_prog, PIECE_LEVELS=_levels(per_prog),
-        BM=BLOCK_M, BN=BLOCK_N, BK=bk, PREC="ieee" if x_local.dtype == torch.float32 else "tf32",
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return out[0] if splits == 1 else combine_partials(out)
+    fp32; a QuantWeight is dequantized to x's dtype).  ``splits`` (programs per output tile)
+    and ``config`` override the launch shape; no choice changes the bits."""
+    return _launch(x_local, w_local, parts, torch.float32, splits, config)
 
 
-def tbik_matmul(x: torch.Tensor, w, out_dtype: "torch.dtype | None" = None, splits: "int | None" = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K].T along the TBIK tile tree; FP32 unless ``out_dtype``."""
+def tbik_matmul(x: torch.Tensor, w, out_dtype: "torch.dtype | None" = None, splits: "int | None" = None,
+                config: "Config | None" = None) -> torch.Tensor:
+    """x [..., K] @ w[N, K].T along the TBIK tree; FP32 unless ``out_dtype`` (the kernel
+    rounds its FP32 root to it on store)."""
     lead = x.shape[:-1]
-    y = tbik_matmul_partial(x.reshape(-1, x.shape[-1]), w, 1, splits)
-    y = y.reshape(*lead, y.shape[-1])
-    return y if out_dtype is None else y.to(out_dtype)
+    y = _launch(x.reshape(-1, x.shape[-1]), w, 1, out_dtype or torch.float32, splits, config)
+    return y.reshape(*lead, y.shape[-1])
 
 
-# ---- torch reference: same signature, same tile tree, plain matmul per tile -------------
+# ---- torch reference: same signature, same tree, plain matmul per leaf ---------------------
 
-def tbik_matmul_partial_ref(x_local: torch.Tensor, w_local, parts: int = 1, splits: "int | None" = None) -> torch.Tensor:
-    """Reference of ``tbik_matmul_partial``: each leaf tile is a float32 torch matmul, and the
-    tiles and pieces are summed along the same tree (zero tiles padding each piece).  Close to,
-    not bit-equal to, the kernel (tile-internal order differs); ``splits`` has no effect."""
+def tbik_matmul_partial_ref(x_local: torch.Tensor, w_local, parts: int = 1, splits: "int | None" = None,
+                            config: "Config | None" = None) -> torch.Tensor:
+    """Reference of ``tbik_matmul_partial``: each leaf is a float32 torch matmul over its K
+    span, and the leaves are summed along the same tree.  Close to, not bit-equal to, the
+    kernel (the order inside a leaf differs); ``splits`` and ``config`` have no effect."""
     x = x_local.float()
     w = _dense(w_local, torch.float32).float()
-    local_pieces, L, bk, T = _tree_shape(x.shape[1], parts)
-    Tp = 1 << _levels(T)
+    ts = tree_shape(x.shape[1], parts)
+    L, leaf = ts.piece_len, ts.leaf
     roots = []
-    for p in range(local_pieces):
-        tiles = [x[:, p * L + t * bk: min(p * L + (t + 1) * bk, (p + 1) * L)]
-                 @ w[:, p * L + t * bk: min(p * L + (t + 1) * bk, (p + 1) * L)].T for t in range(T)]
-        tiles += [torch.zeros_like(tiles[0])] * (Tp - T)
-        roots.append(combine_partials(tiles))
+    for gl in range(ts.local_leaves):
+        p, j = divmod(gl, ts.leaves_per_piece)
+        lo, hi = p * L + j * leaf, p * L + min((j + 1) * leaf, L)
+        roots.append(x[:, lo:hi] @ w[:, lo:hi].T)
     return combine_partials(roots)
 
 
-def tbik_matmul_ref(x: torch.Tensor, w, out_dtype: "torch.dtype | None" = None, splits: "int | None" = None) -> torch.Tensor:
+def tbik_matmul_ref(x: torch.Tensor, w, out_dtype: "torch.dtype | None" = None, splits: "int | None" = None,
+                    config: "Config | None" = None) -> torch.Tensor:
     lead = x.shape[:-1]
-    y = tbik_matmul_partial_ref(x.reshape(-1, x.shape[-1]), w, 1, splits)
+    y = tbik_matmul_partial_ref(x.reshape(-1, x.shape[-1]), w, 1)
     y = y.reshape(*lead, y.shape[-1])
     return y if out_dtype is None else y.to(out_dtype)
