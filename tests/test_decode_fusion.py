@@ -105,10 +105,10 @@ def test_silu_mul_on_fused_gate_up_halves(dtype):
     assert rel(out, ref) <= 2 * BOUND[dtype], f"seed {seed}"
 
 
-def random_logits(gen, rows=5, vocab=5000):
-    """Two column blocks of 4096 in the kernel: the second partly masked."""
+def random_logits(gen, rows=5, vocab=10000):
+    """Two column blocks of 8192 in the kernel: the second partly masked."""
     x = torch.randn(rows, vocab, generator=gen) * 4
-    x[1, 17] = x[1, 17 + 4096] = x[1].max() + 1.0  # a tie in one lane: the lowest id wins, as torch.argmax
+    x[1, 17] = x[1, 17 + 8192] = x[1].max() + 1.0  # a tie in one lane: the lowest id wins, as torch.argmax
     x[2, -1] = x[2].max() + 2.0  # the max in the last, partly masked, block
     return x
 

@@ -1,5 +1,6 @@
 """Greedy pick in Triton (as ``sampling.greedy_pick_ref``): one program per row, one pass over
-the vocabulary.
+the vocabulary in wide blocks (16 warps x 16 columns per thread, within the 128 registers a
+thread may hold at 16 warps): a 32k vocabulary is four iterations, each a memory round trip.
 
 Each lane keeps its running max, the first index where it occurred, and the sum of exp(x - max)
 rescaled as the max grows (online softmax); lanes are merged at the end. The chosen token's
@@ -50,5 +51,5 @@ def greedy_pick(logits: torch.Tensor, logprobs: torch.Tensor | None = None,
     if S:
         lp = logprobs if logprobs is not None else logits
         _greedy_kernel[(S,)](logits, lp, out, V, logits.stride(0), lp.stride(0), HAS_LP=logprobs is not None,
-                             BLOCK=min(4096, triton.next_power_of_2(V)), num_warps=8)
+                             BLOCK=min(8192, triton.next_power_of_2(V)), num_warps=16)
     return out
