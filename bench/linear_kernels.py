@@ -48,7 +48,8 @@ SMALL = [(16, 16, 128, 1, 4, True), (16, 16, 256, 2, 4, True), (16, 32, 128, 2, 
          (16, 64, 128, 4, 4, True), (16, 64, 256, 4, 3, True), (16, 128, 128, 4, 3, True), (32, 64, 128, 4, 4, True)]
 LARGE = [REF, (64, 32, 128, 4, 4, True), (64, 64, 128, 4, 4, True), (64, 64, 256, 4, 3, True),
          (64, 128, 64, 4, 3, True), (64, 128, 128, 4, 3, True), (128, 128, 64, 8, 3, True), (128, 128, 64, 4, 4, True),
-         (128, 256, 64, 8, 3, True), (64, 256, 64, 4, 3, True), (64, 64, 32, 4, 4, True)]
+         (128, 256, 64, 8, 3, True), (64, 256, 64, 4, 3, True), (64, 64, 32, 4, 4, True),
+         (64, 16, 128, 4, 4, True), (64, 16, 256, 4, 3, True), (64, 32, 256, 4, 4, True)]
 TWO_DOT = [(64, 64, 64, 4, 3, False), (64, 64, 32, 4, 4, False), (16, 64, 128, 4, 4, False)]
 
 
@@ -105,16 +106,18 @@ def compile_jobs(sections):
     jobs = []
     for wtype in WTYPES:
         shapes = dict(EQ_SHAPES) if "classes" in sections else {}
-        if "time" in sections:
+        if "time" in sections or "small" in sections:
             shapes.update(SHAPES)
         for name, (n, k) in shapes.items():
-            cs = set(gemm_configs(wtype))
+            cs = set(gemm_configs(wtype)) if "classes" in sections or "time" in sections else set()
             if "time" in sections and name in SHAPES:
                 for m in MS:
                     cs |= set(timed_configs(wtype, m))
             jobs += [("gemm", wtype, n, k, c) for c in sorted(cs)]
             if wtype != "bf16":
-                jobs += [("gemv", wtype, n, k, (bm, c)) for bm in (1, 8) for c in mt.GEMV_CONFIGS]
+                jobs += [("gemv", wtype, n, k, c) for c in mt.GEMV_CONFIGS]
+            if "small" in sections and wtype != "bf16" and name in SHAPES:
+                jobs += [("gemm", wtype, n, k, c) for c in FAST_SMALL + INV_SMALL + [(128, 128, 64, 8, 3, True)]]
     return jobs
 
 
@@ -130,8 +133,7 @@ def _compile_worker(args):
             if kind == "gemm":
                 gemm(torch.randn(3, k, device=DEV, dtype=torch.bfloat16), w, c)
             else:
-                bm, cfg = c
-                mt.gemv(torch.randn(bm, k, device=DEV, dtype=torch.bfloat16), w, cfg)
+                mt.gemv(torch.randn(1, k, device=DEV, dtype=torch.bfloat16), w, c)
         except Exception as e:  # reported; the main process records the failure again
             print(f"compile failed {kind} {wtype} {n}x{k} {c}: {type(e).__name__} {str(e)[:200]}", flush=True)
     torch.cuda.synchronize()
@@ -207,6 +209,41 @@ def time_section(bw, only):
                         rec["gemm_us"][str(c)] = bench_us(lambda w, c=c: gemm(x, w, c), ws)
                     except Exception as e:
                         rec["gemm_us"][str(c)] = f"{type(e).__name__}: {str(e)[:100]}"
+                out.append(rec)
+                print(json.dumps(rec), flush=True)
+            del ws
+            torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------- small M, quantized
+
+FAST_SMALL = [(16, 16, 256, 2, 4, True), (16, 32, 256, 4, 3, True), (16, 32, 128, 2, 4, True), (16, 128, 128, 4, 3, True)]
+INV_SMALL = [(64, 16, 128, 4, 4, True), (64, 16, 256, 4, 3, True), (64, 32, 256, 4, 4, True), (64, 32, 128, 4, 4, True),
+             (64, 64, 128, 4, 4, True), (64, 64, 64, 4, 3, True)]
+
+
+def small_section(bw, only):
+    """Quantized weights at M = 1, 2, 4, 8: every GEMV config, the small-tile (mma.sync) fused GEMM
+    of fast mode and the wgmma tiles open to the invariant mode; and at M = 1024 the fused GEMM
+    against dequantize + cuBLAS (the rule for FUSED_MAX_M)."""
+    out = []
+    for wtype in ("q8_0", "q4_0"):
+        for name, (n, k) in SHAPES.items():
+            if only and name not in only:
+                continue
+            ws = copies(wtype, n, k)
+            for m in (1, 2, 4, 8, 1024):
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                rec = {"wtype": wtype, "shape": name, "N": n, "K": k, "M": m, "floor_us": nbytes(ws[0]) / bw * 1e6}
+                if m <= 8:
+                    rec["gemv_us"] = {str(c): bench_us(lambda w, c=c: mt.gemv(x, w, c), ws) for c in mt.GEMV_CONFIGS}
+                    cs = FAST_SMALL + INV_SMALL
+                else:
+                    rec["dequant_cublas_us"] = bench_us(lambda w: fast_dequant(x, w), ws)
+                    rec["dequant_us"] = bench_us(lambda w: mt.dequantize(w, x.dtype), ws)
+                    cs = [(128, 128, 64, 8, 3, True), (64, 64, 128, 4, 4, True)]
+                rec["gemm_us"] = {str(c): bench_us(lambda w, c=c: gemm(x, w, c), ws) for c in cs}
                 out.append(rec)
                 print(json.dumps(rec), flush=True)
             del ws
@@ -310,11 +347,24 @@ def print_tables(res):
         extra = f" dq+cublas {r['dequant_cublas_us']:.1f}" if "dequant_cublas_us" in r else ""
         print(f"time {r['wtype']:5s} {r['shape']:8s} M={r['M']:4d} fast {fast:8.1f}us{extra} ref-gemm "
               f"{g.get(str(REF), float('nan')):8.1f} best-gemm {best[0]:8.1f} {best[1]}")
+    for r in res.get("small", []):
+        g = r["gemm_us"]
+        best_gemm = min((v, c) for c, v in g.items())
+        if "gemv_us" in r:
+            bg = min((v, c) for c, v in r["gemv_us"].items())
+            inv = min((v, c) for c, v in g.items() if str(c).startswith("(64"))
+            print(f"small {r['wtype']} {r['shape']:8s} M={r['M']:4d} floor {r['floor_us']:5.1f} gemv {bg[0]:6.1f} "
+                  f"({100 * r['floor_us'] / bg[0]:3.0f}%) {bg[1]} | gemm {best_gemm[0]:6.1f} {best_gemm[1]} | wgmma {inv[0]:6.1f} {inv[1]}")
+        else:
+            print(f"small {r['wtype']} {r['shape']:8s} M={r['M']:4d} dequant {r['dequant_us']:6.1f} dq+cublas "
+                  f"{r['dequant_cublas_us']:6.1f} | gemm {best_gemm[0]:6.1f} {best_gemm[1]}")
     if res.get("final"):
-        print("| weights | shape | M | fast us | invariant us | inv/fast | fast % of byte floor | invariant bits differ (M=1/8/17/64/256 vs 512) |")
+        print("| weights | shape | M | fast us | invariant us | inv/fast | fast % of byte floor | "
+              "elements differing, M=1/8/17/64/256 vs rows of M=512: invariant; fast |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in res["final"]:
-            dd = "/".join(str(v) for v in r["invariant_diff_vs_m512"].values()) if "invariant_diff_vs_m512" in r else ""
+            dd = ("/".join(str(v) for v in r["invariant_diff_vs_m512"].values()) + "; " +
+                  "/".join(str(v) for v in r["fast_diff_vs_m512"].values())) if "invariant_diff_vs_m512" in r else ""
             print(f"| {r['wtype']} | {r['shape']} | {r['M']} | {r['fast_us']:.1f} | {r['invariant_us']:.1f} | "
                   f"{r['inv_over_fast']:.2f} | {100 * r['fast_floor_frac']:.0f}% | {dd} |")
 
@@ -329,13 +379,14 @@ def main():
     secs = a.sections.split(",")
     only = [s for s in a.shapes.split(",") if s]
     t0 = time.time()
-    if a.jobs > 1 and ("classes" in secs or "time" in secs):
+    if a.jobs > 1 and {"classes", "time", "small"} & set(secs):
         compile_ahead(secs, a.jobs)
     torch.manual_seed(int(time.time()))
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
            "copy_TBps": bw / 1e12, "triton": __import__("triton").__version__, "torch": torch.__version__}
     for sec, fn in (("classes", classes_section), ("time", lambda: time_section(bw, only)),
+                    ("small", lambda: small_section(bw, only)),
                     ("final", lambda: final_section(bw, only))):
         if sec in secs:
             t = time.time()

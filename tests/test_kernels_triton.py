@@ -51,7 +51,10 @@ def check(out, ref_out, ref64, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
-def test_linear_kernels(qtype, dtype):
+def test_linear_kernels(qtype, dtype, monkeypatch):
+    """Every path of matmul_triton.linear against float64: GEMM tile configs (both K orders for
+    4-bit weights), GEMV configs, and linear() in fast mode through the GEMV (M = 1), the fused
+    GEMM (M = 5) and dequantize + matmul (M above FUSED_MAX_M)."""
     gen, seed = fresh_gen()
     M, N, K = 5, 40, 160  # K = 5 blocks: exercises the masked tail of every K tile below
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -59,12 +62,16 @@ def test_linear_kernels(qtype, dtype):
     W = QuantWeight.quantize(w, qtype) if qtype else w.to(dtype)
     ref64 = x.double() @ (W.dequantize(torch.float64) if qtype else W.double()).T
     ref = matmul.linear_ref(x, W)
-    runs = [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o)
-            for c in [(16, 16, 64, 4, 2), (32, 32, 128, 4, 1), matmul_triton.INVARIANT_CONFIG]]
-    if qtype:  # GEMV: one row group, several groups with a ragged last one, and a single row
-        runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 8, 4, 2), (16, 4, 1, 1)]]
-        runs += [lambda o: torch.cat([matmul_triton.gemv(x[i:i + 1], W) for i in range(M)])]
-        runs += [lambda o: matmul_triton.linear(x, W, out=o)]  # M > 1: one-pass dequantize + matmul
+    configs = [(16, 16, 64, 4, 2), (32, 32, 128, 4, 1), (64, 16, 256, 4, 3), matmul_triton.INVARIANT_CONFIG]
+    runs = [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o) for c in configs]
+    runs += [lambda o: matmul_triton.linear(x, W, invariant=True, out=o)]
+    if qtype:
+        runs += [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o, natural=False) for c in configs[:2]]
+        runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 8, 4, 2), (16, 4, 1, 1), (4, 2, 1, 1)]]
+        runs += [lambda o: torch.cat([matmul_triton.linear(x[i:i + 1], W) for i in range(M)])]  # M = 1: GEMV
+        runs += [lambda o: matmul_triton.linear(x, W, out=o)]  # fused GEMM
+        monkeypatch.setattr(matmul_triton, "FUSED_MAX_M", 2)
+        runs += [lambda o: matmul_triton.linear(x, W, out=o)]  # dequantize + matmul
     for run in runs:
         check(run(poison((M, N), dtype)), ref, ref64, dtype, seed)
 
@@ -83,20 +90,50 @@ def test_dequantize_kernel(qtype):
         assert torch.equal(got, want), f"seed {seed}"
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", None])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_invariant_tiles_stay_in_one_class(qtype, dtype):
+    """The invariant mode may pick tiles by M only among configs shown bit-identical on the H100
+    (bench/linear_kernels.py, section classes): for quantized weights wgmma tiles only (BLOCK_M >= 64,
+    num_warps a multiple of 4: mma.sync gave other bits), for BF16 any of our Triton tiles (both
+    MMA families gave the same bits), float32 one fixed config; the K order is natural in all."""
+    for n in (256, 2048, 32000):
+        cfgs = {matmul_triton.invariant_config(m, n, 2048, dtype, qtype) for m in range(1, 4097, 7)}
+        if dtype == torch.float32:
+            assert cfgs == {matmul_triton.INVARIANT_CONFIG}
+        elif qtype:
+            assert all(bm >= 64 and warps % 4 == 0 for bm, _, _, warps, _ in cfgs), cfgs
+        assert all(bk % 32 == 0 for _, _, bk, _, _ in cfgs)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", None])
 def test_linear_invariant_mode_is_batch_invariant(qtype):
-    """A row's bits do not depend on the batch around it (fixed tiles); fast mode's do."""
+    """A row's bits do not depend on the batch around it: row r alone (M = 1) == row r inside
+    M = 17 and M = 64. Under the interpreter a dot is one numpy matmul per tile, whose rounding
+    depends on the tile's K width; the quantized policy keeps one tile config for M <= 64, and
+    dense weights are checked in float32 (one fixed config); the GPU check of the per-M policy
+    (BF16 tiles that change with M) is bench/linear_kernels.py --sections final.
+    The check can fail: fast mode (GEMV at M = 1, tensor cores at M = 17), another BLOCK_K, or the
+    two-dot K order of 4-bit weights give other bits for some rows."""
     gen, seed = fresh_gen()
     K, N = 256, 48
-    x = torch.randn(37, K, generator=gen, dtype=torch.float16)
+    dtype = torch.float32 if qtype is None else torch.float16
+    x = torch.randn(64, K, generator=gen, dtype=dtype)
     w = torch.randn(N, K, generator=gen)
-    W = QuantWeight.quantize(w, qtype) if qtype else w.half()
-    full = matmul_triton.linear(x, W, invariant=True)
-    for r in (0, 20, 36):
-        assert torch.equal(matmul_triton.linear(x[r:r + 1], W, invariant=True)[0], full[r]), f"seed {seed}"
-    if qtype:  # fast mode: GEMV for one row, tensor-core tiles for 37 rows: other rounding
-        fast = matmul_triton.linear(x, W)
-        assert any(not torch.equal(matmul_triton.linear(x[r:r + 1], W)[0], fast[r]) for r in range(37))
+    W = QuantWeight.quantize(w, qtype) if qtype else w
+    full = {m: matmul_triton.linear(x[:m], W, invariant=True) for m in (17, 64)}
+    for r in (0, 9, 16):
+        alone = matmul_triton.linear(x[r:r + 1], W, invariant=True)[0]
+        assert all(torch.equal(alone, full[m][r]) for m in (17, 64)), f"seed {seed}"
+    # the float32 accumulator's bits (an output buffer in float32) show the order changes
+    cfg = matmul_triton.invariant_config(17, N, K, dtype, qtype)
+    acc = lambda c, **kw: matmul_triton.gemm(x[:17], W, c, out=torch.empty(17, N), **kw)
+    assert not torch.equal(acc((cfg[0], cfg[1], 32 if cfg[2] != 32 else 64) + cfg[3:]), acc(cfg)), f"seed {seed}"
+    if qtype == "q4_0":
+        assert not torch.equal(acc((cfg[0], cfg[1], 64) + cfg[3:], natural=False), acc(cfg)), f"seed {seed}"
+    if qtype:
+        fast = matmul_triton.linear(x[:17], W)
+        assert any(not torch.equal(matmul_triton.linear(x[r:r + 1], W)[0], fast[r]) for r in range(17))
 
 
 # ------------------------------------------------------------------------- elementwise

@@ -29,7 +29,7 @@ import triton.language as tl
 from exactllm.formats.quant import QuantWeight
 
 QCODES = {None: 0, "q4_0": 1, "q4_1": 2, "q8_0": 3}
-GEMV_MAX_M = 8
+GEMV_MAX_M = 1
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): fixed, whatever M is.
 INVARIANT_CONFIG = (64, 64, 64, 4, 3)
 
@@ -112,91 +112,77 @@ def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride
 
 
 @triton.jit
-def _unpack(words, n: tl.constexpr, QTYPE: tl.constexpr):
-    """Quant n of each int32 word as an exact float32, without int->float conversions (a
-    quarter-rate instruction on Hopper): the integer is OR-ed into the mantissa of 2^23 and
-    2^23 (+ the format's offset) subtracted. Q4_0 gives q - 8, Q4_1 q, Q8_0 the signed q."""
-    if QTYPE == 3:
-        u = ((words >> (8 * n)) & 0xFF) ^ 0x80  # int8 q -> q + 128 in 0..255
-        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-    u = (words >> (4 * n)) & 0xF
-    if QTYPE == 1:
-        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _word_cols(wi, n: tl.constexpr, QTYPE: tl.constexpr):
-    """Column (index in K) of quant n of word wi. A 4-bit 32-block is 4 words: word w holds
-    bytes 4w..4w+3, nibble n is byte 4w + n // 2, low (weight j) or high (weight j + 16)."""
-    if QTYPE == 3:
-        return wi * 4 + n
-    return (wi // 4) * 32 + (wi % 4) * 4 + n // 2 + 16 * (n % 2)
+def _int8_f32(v):
+    """An int8 quant v (sign-extended int32) as an exact float32, by the same mantissa trick."""
+    return (((v & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """y[m, n] for BLOCK_M rows x BLOCK_N outputs, BLOCK_B 32-blocks of K per step. The quant bytes
-    are loaded as [BLOCK_N, BLOCK_B, 16] (16 contiguous bytes per block row), x as two contiguous
-    16-element halves per block (the low- and high-nibble weights), each loaded once per step and
-    used by all BLOCK_N rows; a block's partial sum is scaled once by its d."""
+                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """y[m, n] for one row m and BLOCK_N outputs, BLOCK_B 32-blocks of K per step. A thread holds one
+    block row of quants (16 bytes for 4-bit, 32 for Q8_0: 128-bit loads) and sums it against x in
+    registers; x is loaded once per step for all BLOCK_N rows as two 16-element halves (the weights
+    of the low and of the high nibbles); each block's partial sum is scaled once by its d."""
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_xm
     mask_n = offs_n < N
-    mask_m = offs_m < M
-    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn
     n_blk = K // 32
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     for b0 in range(0, n_blk, BLOCK_B):
         blk = b0 + tl.arange(0, BLOCK_B)
         bmask = blk < n_blk
         m2 = mask_n[:, None] & bmask[None, :]
-        xmask = mask_m[:, None, None] & bmask[None, :, None]
         d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
         if QTYPE == 3:
             col = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-            q = tl.load(w_rows + col[None], mask=m2[:, :, None], other=0).to(tl.float32)
-            xv = tl.load(x_rows + col[None], mask=xmask, other=0.0).to(tl.float32)
-            part = tl.sum(q[None] * xv[:, None], axis=3)
+            q = _int8_f32(tl.load(w_rows + col[None], mask=m2[:, :, None], other=0).to(tl.int32))
+            xv = tl.load(x_row + col, mask=bmask[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(q * xv[None], axis=2)
         else:
             j = tl.arange(0, 16)[None, :]
             q = tl.load(w_rows + (blk[:, None] * 16 + j)[None], mask=m2[:, :, None], other=0).to(tl.int32)
-            x_lo = tl.load(x_rows + (blk[:, None] * 32 + j)[None], mask=xmask, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_rows + (blk[:, None] * 32 + 16 + j)[None], mask=xmask, other=0.0).to(tl.float32)
-            lo = _nibble_f32(q & 15, QTYPE)
-            hi = _nibble_f32(q >> 4, QTYPE)
-            part = tl.sum(lo[None] * x_lo[:, None] + hi[None] * x_hi[:, None], axis=3)
-        acc += part * d[None]
+            x_lo = tl.load(x_row + blk[:, None] * 32 + j, mask=bmask[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + blk[:, None] * 32 + 16 + j, mask=bmask[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(_nibble_f32(q & 15, QTYPE) * x_lo[None] + _nibble_f32(q >> 4, QTYPE) * x_hi[None], axis=2)
+        acc += part * d
         if QTYPE == 2:  # Q4_1: x' = q d + min, so each block adds min * sum(x) too
             mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc += tl.sum(x_lo + x_hi, axis=2)[:, None, :] * mn[None]
-    y = tl.sum(acc, axis=2)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+            acc += tl.sum(x_lo + x_hi, axis=1)[None, :] * mn
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1).to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, sc_ptr, mn_ptr, out_ptr, N, n_words, stride_wn, stride_sn, stride_on,
-                    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Planes -> dense [N, K] in out's dtype (float32 math, then one rounding)."""
-    NQ: tl.constexpr = 4 if QTYPE == 3 else 8
-    WPB: tl.constexpr = 8 if QTYPE == 3 else 4
+def _dequant_kernel(w_ptr, sc_ptr, mn_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Planes -> dense [N, K] in out's dtype (float32 math, then one rounding); per thread one
+    block row of quants in, contiguous runs of 16 (4-bit) or 32 (Q8_0) values out."""
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    wi = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    m2 = (offs_n < N)[:, None] & (wi < n_words)[None, :]
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + wi[None, :], mask=m2, other=0)
-    blk = wi // WPB
-    d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-    if QTYPE == 2:
-        mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-    for n in tl.static_range(NQ):
-        v = _unpack(words, n, QTYPE) * d
+    blk = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    m2 = (offs_n < N)[:, None] & (blk < K // 32)[None, :]
+    m3 = m2[:, :, None]
+    d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
+    w_rows = w_ptr + offs_n[:, None, None] * stride_wn
+    out_rows = out_ptr + offs_n[:, None, None] * stride_on
+    dt = out_ptr.dtype.element_ty
+    if QTYPE == 3:
+        col = (blk[:, None] * 32 + tl.arange(0, 32)[None, :])[None]
+        q = tl.load(w_rows + col, mask=m3, other=0).to(tl.int32)
+        tl.store(out_rows + col, (_int8_f32(q) * d).to(dt), mask=m3)
+    else:
+        j = tl.arange(0, 16)[None, :]
+        q = tl.load(w_rows + (blk[:, None] * 16 + j)[None], mask=m3, other=0).to(tl.int32)
+        lo = _nibble_f32(q & 15, QTYPE) * d
+        hi = _nibble_f32(q >> 4, QTYPE) * d
         if QTYPE == 2:
-            v = v + mn
-        dst = out_ptr + offs_n[:, None] * stride_on + _word_cols(wi, n, QTYPE)[None, :]
-        tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m2)
+            mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
+            lo += mn
+            hi += mn
+        col = (blk[:, None] * 32 + j)[None]
+        tl.store(out_rows + col, lo.to(dt), mask=m3)
+        tl.store(out_rows + col + 16, hi.to(dt), mask=m3)
 
 
 def _planes(w):
@@ -228,39 +214,30 @@ def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None, nat
     return y
 
 
-def _words(qs: torch.Tensor) -> torch.Tensor:
-    """A quant plane [N, bytes] viewed as int32 words [N, bytes / 4] (no copy when aligned)."""
-    if qs.stride(-1) != 1 or qs.stride(0) % 4 or qs.storage_offset() % 4:
-        qs = qs.contiguous()
-    return qs.view(torch.int32)
-
-
 def gemv(x: torch.Tensor, w: QuantWeight, config: tuple = (8, 8, 4, 3), out: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA-core kernel for few rows: config (BLOCK_N, BLOCK_B 32-blocks per step, num_warps, num_stages);
-    rows are taken in groups of up to GEMV_MAX_M per program (the weights are unpacked once per group)."""
+    """CUDA-core kernel for few rows, one row per program: config (BLOCK_N, BLOCK_B 32-blocks per
+    step, num_warps, num_stages). Rows after the first re-read the weights, mostly from L2."""
     bn, bb, warps, stages = config
     M, K = x.shape
     N = w.shape[0]
     mn = w.min if w.min is not None else w.scale
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        bm = min(triton.next_power_of_2(M), GEMV_MAX_M)
-        _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+        _gemv_kernel[(triton.cdiv(N, bn), M)](
             x, w.qs, w.scale, mn, y, M, N, K, x.stride(0), w.qs.stride(0), w.scale.stride(0), y.stride(0),
-            QTYPE=QCODES[w.qtype], BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, num_warps=warps, num_stages=stages)
+            QTYPE=QCODES[w.qtype], BLOCK_N=bn, BLOCK_B=bb, num_warps=warps, num_stages=stages)
     return y
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    """Dense [N, K] copy of a quantized weight in one pass (for cuBLAS at larger M)."""
+    """Dense [N, K] copy of a quantized weight in one pass (for cuBLAS at large M)."""
     N, K = w.shape
-    words = _words(w.qs)
     mn = w.min if w.min is not None else w.scale
     out = torch.empty(N, K, dtype=dtype, device=w.qs.device)
-    bn, bw = 16, 64
-    _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(words.shape[1], bw))](
-        words, w.scale, mn, out, N, words.shape[1], words.stride(0), w.scale.stride(0), out.stride(0),
-        QTYPE=QCODES[w.qtype], BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+    bn, bb = 16, 8
+    _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K // 32, bb))](
+        w.qs, w.scale, mn, out, N, K, w.qs.stride(0), w.scale.stride(0), out.stride(0),
+        QTYPE=QCODES[w.qtype], BLOCK_N=bn, BLOCK_B=bb, num_warps=4)
     return out
 
 
@@ -270,33 +247,68 @@ _gemv_best: dict = {}
 
 
 def _tuned_gemv_config(x: torch.Tensor, w: QuantWeight) -> tuple:
-    key = (w.shape, w.qtype, x.dtype, min(triton.next_power_of_2(x.shape[0]), GEMV_MAX_M))
+    key = (w.shape, w.qtype, x.dtype)
     if key in _gemv_best:
         return _gemv_best[key]
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return GEMV_CONFIGS[2]
+        return GEMV_CONFIGS[3]
     from triton.testing import do_bench
     times = [(do_bench(lambda c=c: gemv(x, w, c), warmup=5, rep=20, return_mode="median"), c) for c in GEMV_CONFIGS]
     _gemv_best[key] = min(times)[1]
     return _gemv_best[key]
 
 
+# Tensor-core tiles by M: rows (largest M, tiles for N < WIDE_N, tiles for N >= WIDE_N), picked from
+# the H100 sweep of bench/linear_kernels.py (bench/results/linear_sweep.json).
+# WGMMA_TILES: BLOCK_M >= 64 with 4 or 8 warps, so Triton emits wgmma. On the GPU every such
+# config gives the same bits (K is summed in 16-wide MMA steps in K order whatever BLOCK_K is),
+# while mma.sync (BLOCK_M = 16) gives other bits for quantized weights; for BF16 weights both
+# instruction families gave identical bits, so BF16_TILES may use small mma.sync tiles.
+WIDE_N = 8192
+WGMMA_TILES = [(64, (64, 32, 128, 4, 4), (64, 64, 128, 4, 4)),
+               (256, (64, 32, 128, 4, 4), (128, 128, 64, 8, 3)),
+               (512, (64, 64, 128, 4, 4), (128, 128, 64, 8, 3)),
+               (None, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
+SMALL_M_TILES = [(16, (16, 16, 256, 2, 4), (16, 32, 256, 4, 3))]
+BF16_TILES = SMALL_M_TILES + [(64, (64, 32, 128, 4, 4), (64, 128, 128, 4, 3)),
+                              (256, (64, 64, 128, 4, 4), (128, 128, 64, 8, 3)),
+                              (512, (64, 128, 128, 4, 3), (128, 128, 64, 8, 3)),
+                              (None, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
+# fast mode, quantized weights: the fused dequantizing GEMM up to FUSED_MAX_M rows (it beat
+# dequantize + cuBLAS 3-7x at every M <= 512 on the H100), dequantize + cuBLAS above.
+FUSED_MAX_M = 1024
+
+
+def _pick(table: list, M: int, N: int) -> tuple:
+    for max_m, narrow, wide in table:
+        if max_m is None or M <= max_m:
+            return wide if N >= WIDE_N else narrow
+    raise AssertionError("tile table without a last row")
+
+
 def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None) -> tuple:
-    """The invariant mode's GEMM tiles for an [M, K] x [N, K].T product."""
-    return INVARIANT_CONFIG
+    """The invariant mode's GEMM tiles for an [M, K] x [N, K].T product. They may change with M
+    only within one class of configs shown bit-identical on the GPU (see WGMMA_TILES); float32
+    activations keep the one fixed INVARIANT_CONFIG."""
+    if dtype == torch.float32:
+        return INVARIANT_CONFIG
+    return _pick(BF16_TILES if qtype is None else WGMMA_TILES, M, N)
 
 
 def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (as ``matmul.linear_ref``)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    M, K = x.shape
     qtype = w.qtype if isinstance(w, QuantWeight) else None
     if invariant:
-        return gemm(x, w, invariant_config(x.shape[0], w.shape[0], x.shape[1], x.dtype, qtype), out)
+        return gemm(x, w, invariant_config(M, w.shape[0], K, x.dtype, qtype), out)
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
-    if x.shape[0] <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M:
         return gemv(x, w, _tuned_gemv_config(x, w), out)
+    if M <= FUSED_MAX_M:
+        return gemm(x, w, _pick(SMALL_M_TILES + WGMMA_TILES, M, w.shape[0]), out)
     y = F.linear(x, dequantize(w, x.dtype))
     return y if out is None else out.copy_(y)
