@@ -17,10 +17,10 @@ from exactllm.kernels.tree import combine_partials  # noqa: E402
 from exactllm.kernels.tree_matmul_triton import (Config, tbik_matmul, tbik_matmul_partial,  # noqa: E402
                                                  tbik_matmul_ref)
 
-# K=256: 8 leaves of 32; K=768: 8 leaves of 96 (chunks of 32); K=1408 (=5632/4): 8 leaves of 176
-# (chunks of 16).  With MAX_LEAF=32 the pieces hold several leaves (K=768: 4 leaves of 24 per
-# piece, masked chunks; K=1408: 48,48,48,32 per piece).
-KS = [256, 768, 1408]
+# K=256: 8 leaves of 32; K=768: 8 leaves of 96 (chunks of 32); K=704 (=5632/8): 8 leaves of 88
+# (masked chunks of 64).  With MAX_LEAF=32 each piece holds 4 leaves (K=768: 24 each; K=704: 22
+# each), 32 leaves in all: a 5-level stack, masked chunks.
+KS = [256, 768, 704]
 CFG = Config(32, 32, 4, 2)
 
 
@@ -51,7 +51,7 @@ def test_leaf_plan():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("K", KS)
-def test_accuracy_vs_float64(K, dtype, max_leaf):
+def test_accuracy_vs_float64(K, dtype):
     """FP32 accumulation of exact products: ||y - y64|| / ||y64|| < 1e-6, kernel and reference."""
     x, w = _inputs(K, dtype)
     ref = x.double() @ w.double().T
@@ -68,21 +68,19 @@ def test_accuracy_vs_float64(K, dtype, max_leaf):
         assert torch.equal(y16, y.to(dtype))   # rounded once, on store
 
 
-@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("K", [256, 704])
 def test_invariant_across_m_splits_variants_and_tp(K, max_leaf):
     x, w = _inputs(K, torch.bfloat16)
     y = tbik_matmul(x, w, splits=1, config=CFG)
-    for s in (2, 4, 8):                            # tree top levels cut across programs
+    for s in (2, 8):                               # tree top levels cut across programs
         assert torch.equal(tbik_matmul(x, w, splits=s, config=CFG), y)
     assert int(tk._counters(x.device).abs().sum()) == 0        # the last program resets them
-    for cfg in (CFG._replace(unroll=True), CFG._replace(spill_top=True),
-                CFG._replace(unroll=True, spill_top=True)):
-        for s in (1, 2):
-            assert torch.equal(tbik_matmul(x, w, splits=s, config=cfg), y)
-    for start, m in ((5, 1), (0, 3), (33, 37), (6, 64)):   # other rows, other places in the block
+    for cfg in (CFG._replace(unroll=True), CFG._replace(spill_top=True)):
+        assert torch.equal(tbik_matmul(x, w, splits=2, config=cfg), y)
+    for start, m in ((5, 1), (33, 37)):            # other rows, other places in the block
         assert torch.equal(tbik_matmul(x[start:start + m], w, config=CFG), y[start:start + m])
         assert torch.equal(tbik_matmul(x[start:start + m], w, config=CFG, splits=4), y[start:start + m])
-    for parts in (2, 4, 8):                        # K over TP ranks, partials combined in order
+    for parts in (2, 8):                           # K over TP ranks, partials combined in order
         k = K // parts
         partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k], parts, config=CFG)
                     for r in range(parts)]
@@ -100,7 +98,7 @@ def test_default_config_path():
 def test_other_tree_differs(monkeypatch):
     """A different tree over the same data changes bits (so the checks above can fail):
     shorter leaves (MAX_LEAF 32 vs 1024) for K=768 and 1408."""
-    for K in (768, 1408):
+    for K in (768, 704):
         x, w = _inputs(K, torch.bfloat16, seed=2)
         y = tbik_matmul(x, w, config=CFG)
         monkeypatch.setattr(tk, "MAX_LEAF", 32)

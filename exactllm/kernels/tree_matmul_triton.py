@@ -24,6 +24,7 @@ every config gives the same bits.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -297,13 +298,12 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 
 def pick_config(M: int, N: int, K_local: int, local_leaves: int) -> Config:
-    """Tile config by M bucket (any config gives the same bits; measured on H100)."""
+    """Tile config by M bucket (any config gives the same bits, checked on H100 by
+    bench/tbik_matmul.py).  Large tiles need few stack levels in registers: 128x64 over 8 warps
+    holds acc + 3 levels without spilling; 128x128 does not (measured 4-5x slower)."""
     if M <= 64:
         return Config(64, 64, 4, 4)
-    if M <= 256:
-        return Config(64, 128, 4, 4)
-    depth = _levels(local_leaves)
-    return Config(128, 128, 8, 4, spill_top=depth >= 3)
+    return Config(128, 64, 8, 4)
 
 
 def default_splits(M: int, N: int, cfg: Config, local_leaves: int, n_sm: int) -> int:
@@ -319,16 +319,14 @@ def _dense(w, dtype):
     return w if isinstance(w, torch.Tensor) else w.dequantize(dtype)  # QuantWeight
 
 
-def _launch(x, w, parts, out_dtype, splits, config):
-    w = _dense(w, x.dtype)
-    if w.dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but w is {w.dtype}")
-    M, K_local = x.shape
-    N = w.shape[0]
+@functools.lru_cache(maxsize=4096)
+def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, interpret, max_leaf):
+    """Grid, kernel keywords and workspace shape of one call (cached: launch overhead;
+    ``max_leaf`` is MAX_LEAF, a key only, so that changing the tree is never served stale)."""
     ts = tree_shape(K_local, parts)
     cfg = config or pick_config(M, N, K_local, ts.local_leaves)
     if splits is None:
-        splits = default_splits(M, N, cfg, ts.local_leaves, _n_sm(x.device))
+        splits = default_splits(M, N, cfg, ts.local_leaves, n_sm)
     if splits < 1 or splits & (splits - 1) or splits > min(ts.local_leaves, MAX_SPLITS):
         raise ValueError(f"splits={splits} must be a power of two <= min({ts.local_leaves}, {MAX_SPLITS})")
     leaves = ts.local_leaves // splits
@@ -336,17 +334,26 @@ def _launch(x, w, parts, out_dtype, splits, config):
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     if splits > 1 and tiles > _N_COUNTERS:
         raise ValueError(f"{tiles} output tiles exceed the {_N_COUNTERS} split counters")
+    kw = dict(L=ts.piece_len, LEAF=ts.leaf, NLP=ts.leaves_per_piece, LEAVES=leaves, DEPTH=_levels(leaves),
+              SPLITS=splits, SPILL_TOP=spill, BM=cfg.block_m, BN=cfg.block_n, BK=ts.block_k, GROUP_M=8,
+              PREC="ieee" if fp32 else "tf32", UPCAST=interpret, UNROLL=cfg.unroll,
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ws_shape = (splits, M, N) if (splits > 1 or spill) else (1,)
+    return (tiles * splits,), kw, ws_shape, splits > 1
+
+
+def _launch(x, w, parts, out_dtype, splits, config):
+    w = _dense(w, x.dtype)
+    if w.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but w is {w.dtype}")
+    M, K_local = x.shape
+    N = w.shape[0]
+    grid, kw, ws_shape, counted = _plan(M, N, K_local, parts, x.dtype == torch.float32, splits, config,
+                                        _n_sm(x.device), os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF)
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    ws = torch.empty((splits, M, N) if (splits > 1 or spill) else (1,), dtype=torch.float32, device=x.device)
-    cnt = _counters(x.device) if splits > 1 else ws
-    _tbik_kernel[(tiles * splits,)](
-        x, w, out, ws, cnt, M, N,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        L=ts.piece_len, LEAF=ts.leaf, NLP=ts.leaves_per_piece, LEAVES=leaves, DEPTH=_levels(leaves),
-        SPLITS=splits, SPILL_TOP=spill, BM=cfg.block_m, BN=cfg.block_n, BK=ts.block_k, GROUP_M=8,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", UNROLL=cfg.unroll,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
+    _tbik_kernel[grid](x, w, out, ws, _counters(x.device) if counted else ws, M, N,
+                       x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), **kw)
     return out
 
 
