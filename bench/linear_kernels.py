@@ -39,6 +39,7 @@ SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "dow
           "lm_head": (32000, 2048)}
 EQ_SHAPES = {"qkv": (2560, 2048), "down": (2048, 5632), "tail": (1000, 2080)}
 MS = (1, 8, 64, 256, 512)
+FINAL_MS = (1, 2, 8, 16, 64, 256, 512)
 WTYPES = ("bf16", "q8_0", "q4_0")
 L2_BYTES = 50 << 20
 DEV = "cuda"
@@ -106,7 +107,7 @@ def compile_jobs(sections):
     jobs = []
     for wtype in WTYPES:
         shapes = dict(EQ_SHAPES) if "classes" in sections else {}
-        if "time" in sections or "small" in sections:
+        if {"time", "small", "final"} & set(sections):
             shapes.update(SHAPES)
         for name, (n, k) in shapes.items():
             cs = set(gemm_configs(wtype)) if "classes" in sections or "time" in sections else set()
@@ -116,6 +117,9 @@ def compile_jobs(sections):
             jobs += [("gemm", wtype, n, k, c) for c in sorted(cs)]
             if wtype != "bf16":
                 jobs += [("gemv", wtype, n, k, c) for c in mt.GEMV_CONFIGS]
+            if "final" in sections and name in SHAPES:
+                tables = ["bf16"] if wtype == "bf16" else ["wgmma", "fast"]
+                jobs += [("gemm", wtype, n, k, c + (True,)) for t in tables for _, cs in mt.TILE_TABLES[t] for c in cs]
             if "small" in sections and wtype != "bf16" and name in SHAPES:
                 jobs += [("gemm", wtype, n, k, c) for c in FAST_SMALL + INV_SMALL + [(128, 128, 64, 8, 3, True)]]
     return jobs
@@ -309,14 +313,13 @@ def final_section(bw, only):
             inv_diff = {m: diff(mt.linear(xb[:m], ws[0], invariant=True), full[:m]) for m in (1, 8, 17, 64, 256)}
             fast_full = mt.linear(xb, ws[0])
             fast_diff = {m: diff(mt.linear(xb[:m], ws[0]), fast_full[:m]) for m in (1, 8, 17, 64, 256)}
-            for m in MS:
+            for m in FINAL_MS:
                 x = xb[:m].contiguous()
                 tf = bench_us(lambda w: mt.linear(x, w), ws)
                 ti = bench_us(lambda w: mt.linear(x, w, invariant=True), ws)
                 rec = {"wtype": wtype, "shape": name, "N": n, "K": k, "M": m, "fast_us": tf, "invariant_us": ti,
                        "inv_over_fast": ti / tf, "floor_us": nbytes(ws[0]) / bw * 1e6,
-                       "fast_floor_frac": nbytes(ws[0]) / bw / (tf * 1e-6),
-                       "invariant_config": mt.invariant_config(m, n, k, x.dtype, wtype if wtype != "bf16" else None)}
+                       "fast_floor_frac": nbytes(ws[0]) / bw / (tf * 1e-6)}
                 if m == 1:
                     rec.update(err_fast=rel(mt.linear(xb[:64], ws[0]), ref64),
                                err_invariant=rel(mt.linear(xb[:64], ws[0], invariant=True), ref64),
@@ -325,6 +328,8 @@ def final_section(bw, only):
                 print(json.dumps(rec), flush=True)
             del ws
             torch.cuda.empty_cache()
+    out.append({"tuned_tiles": {str(k): v for k, v in mt._tiles_best.items()},
+                "tuned_gemv": {str(k): v for k, v in mt._gemv_best.items()}})
     return out
 
 
@@ -363,6 +368,8 @@ def print_tables(res):
               "elements differing, M=1/8/17/64/256 vs rows of M=512: invariant; fast |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in res["final"]:
+            if "M" not in r:
+                continue
             dd = ("/".join(str(v) for v in r["invariant_diff_vs_m512"].values()) + "; " +
                   "/".join(str(v) for v in r["fast_diff_vs_m512"].values())) if "invariant_diff_vs_m512" in r else ""
             print(f"| {r['wtype']} | {r['shape']} | {r['M']} | {r['fast_us']:.1f} | {r['invariant_us']:.1f} | "
@@ -379,7 +386,7 @@ def main():
     secs = a.sections.split(",")
     only = [s for s in a.shapes.split(",") if s]
     t0 = time.time()
-    if a.jobs > 1 and {"classes", "time", "small"} & set(secs):
+    if a.jobs > 1 and {"classes", "time", "small", "final"} & set(secs):
         compile_ahead(secs, a.jobs)
     torch.manual_seed(int(time.time()))
     bw = copy_bandwidth()

@@ -54,7 +54,7 @@ def check(out, ref_out, ref64, dtype, seed):
 def test_linear_kernels(qtype, dtype, monkeypatch):
     """Every path of matmul_triton.linear against float64: GEMM tile configs (both K orders for
     4-bit weights), GEMV configs, and linear() in fast mode through the GEMV (M = 1), the fused
-    GEMM (M = 5) and dequantize + matmul (M above FUSED_MAX_M)."""
+    GEMM (M = 5) and dequantize + matmul (M above FUSED_MAX_M); invariant mode's tiles."""
     gen, seed = fresh_gen()
     M, N, K = 5, 40, 160  # K = 5 blocks: exercises the masked tail of every K tile below
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -65,6 +65,8 @@ def test_linear_kernels(qtype, dtype, monkeypatch):
     configs = [(16, 16, 64, 4, 2), (32, 32, 128, 4, 1), (64, 16, 256, 4, 3), matmul_triton.INVARIANT_CONFIG]
     runs = [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o) for c in configs]
     runs += [lambda o: matmul_triton.linear(x, W, invariant=True, out=o)]
+    table = matmul_triton.BF16_TILES if qtype is None else matmul_triton.WGMMA_TILES
+    runs += [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o) for c in table[0][1][1:]]
     if qtype:
         runs += [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o, natural=False) for c in configs[:2]]
         runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 8, 4, 2), (16, 4, 1, 1), (4, 2, 1, 1)]]
@@ -90,20 +92,21 @@ def test_dequantize_kernel(qtype):
         assert torch.equal(got, want), f"seed {seed}"
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", None])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_invariant_tiles_stay_in_one_class(qtype, dtype):
-    """The invariant mode may pick tiles by M only among configs shown bit-identical on the H100
-    (bench/linear_kernels.py, section classes): for quantized weights wgmma tiles only (BLOCK_M >= 64,
-    num_warps a multiple of 4: mma.sync gave other bits), for BF16 any of our Triton tiles (both
-    MMA families gave the same bits), float32 one fixed config; the K order is natural in all."""
-    for n in (256, 2048, 32000):
-        cfgs = {matmul_triton.invariant_config(m, n, 2048, dtype, qtype) for m in range(1, 4097, 7)}
-        if dtype == torch.float32:
-            assert cfgs == {matmul_triton.INVARIANT_CONFIG}
-        elif qtype:
-            assert all(bm >= 64 and warps % 4 == 0 for bm, _, _, warps, _ in cfgs), cfgs
-        assert all(bk % 32 == 0 for _, _, bk, _, _ in cfgs)
+def test_invariant_tiles_stay_in_one_class():
+    """The invariant mode may take, at any M, any candidate of its table: those must lie in one class
+    of configs shown bit-identical on the H100 (bench/linear_kernels.py, section classes). Quantized
+    weights: wgmma tiles only (BLOCK_M >= 64, warps a multiple of 4; mma.sync gave other bits).
+    BF16: any of our Triton tiles (both MMA families gave the same bits). All: the natural K order,
+    BLOCK_K a multiple of 32. Float32 activations: the one INVARIANT_CONFIG at every M."""
+    wgmma = [c for _, cands in matmul_triton.WGMMA_TILES for c in cands]
+    assert wgmma and all(bm >= 64 and warps % 4 == 0 for bm, _, _, warps, _ in wgmma)
+    bf16 = [c for _, cands in matmul_triton.BF16_TILES for c in cands]
+    assert all(bk % 32 == 0 for _, _, bk, _, _ in wgmma + bf16)
+    for qtype in ("q4_0", "q8_0", None):
+        assert {matmul_triton.invariant_config(m, 2048, 2048, torch.float32, qtype)
+                for m in range(1, 4097, 7)} == {matmul_triton.INVARIANT_CONFIG}
+        for m in range(1, 4097, 7):
+            assert matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16, qtype) in (bf16 if qtype is None else wgmma)
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", None])

@@ -29,7 +29,7 @@ import triton.language as tl
 from exactllm.formats.quant import QuantWeight
 
 QCODES = {None: 0, "q4_0": 1, "q4_1": 2, "q8_0": 3}
-GEMV_MAX_M = 1
+GEMV_MAX_M = 2
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): fixed, whatever M is.
 INVARIANT_CONFIG = (64, 64, 64, 4, 3)
 
@@ -258,57 +258,80 @@ def _tuned_gemv_config(x: torch.Tensor, w: QuantWeight) -> tuple:
     return _gemv_best[key]
 
 
-# Tensor-core tiles by M: rows (largest M, tiles for N < WIDE_N, tiles for N >= WIDE_N), picked from
-# the H100 sweep of bench/linear_kernels.py (bench/results/linear_sweep.json).
-# WGMMA_TILES: BLOCK_M >= 64 with 4 or 8 warps, so Triton emits wgmma. On the GPU every such
-# config gives the same bits (K is summed in 16-wide MMA steps in K order whatever BLOCK_K is),
-# while mma.sync (BLOCK_M = 16) gives other bits for quantized weights; for BF16 weights both
-# instruction families gave identical bits, so BF16_TILES may use small mma.sync tiles.
-WIDE_N = 8192
-WGMMA_TILES = [(64, (64, 32, 128, 4, 4), (64, 64, 128, 4, 4)),
-               (256, (64, 32, 128, 4, 4), (128, 128, 64, 8, 3)),
-               (512, (64, 64, 128, 4, 4), (128, 128, 64, 8, 3)),
-               (None, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
-SMALL_M_TILES = [(16, (16, 16, 256, 2, 4), (16, 32, 256, 4, 3))]
-BF16_TILES = SMALL_M_TILES + [(64, (64, 32, 128, 4, 4), (64, 128, 128, 4, 3)),
-                              (256, (64, 64, 128, 4, 4), (128, 128, 64, 8, 3)),
-                              (512, (64, 128, 128, 4, 3), (128, 128, 64, 8, 3)),
-                              (None, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
-# fast mode, quantized weights: the fused dequantizing GEMM up to FUSED_MAX_M rows (it beat
-# dequantize + cuBLAS 3-7x at every M <= 512 on the H100), dequantize + cuBLAS above.
-FUSED_MAX_M = 1024
+# Tensor-core tiles by M bucket: (largest M of the bucket, candidate configs; the first is the
+# default), from the H100 sweeps of bench/linear_kernels.py (bench/results/linear_sweep*.json).
+# WGMMA_TILES: BLOCK_M >= 64 with 4 or 8 warps, so Triton emits wgmma. On the H100 every such config
+# gave the same bits (K is summed in 16-wide MMA steps in K order, whatever the tile), while mma.sync
+# tiles (BLOCK_M = 16) gave other bits for quantized weights; for BF16 weights both instruction
+# families gave identical bits, so BF16_TILES mixes them. Within one table the invariant mode may
+# take any candidate at any M: it times them once per (shape, bucket) and keeps the fastest.
+WGMMA_TILES = [(64, [(64, 32, 128, 4, 4), (64, 16, 256, 4, 3), (64, 64, 128, 4, 4), (64, 64, 64, 4, 3)]),
+               (256, [(64, 32, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4)]),
+               (512, [(64, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4)]),
+               (None, [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)])]
+BF16_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (16, 128, 128, 4, 3)]),
+              (64, [(64, 32, 128, 4, 4), (64, 128, 128, 4, 3), (16, 16, 256, 2, 4)]),
+              (256, [(64, 64, 128, 4, 4), (64, 128, 128, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+                     (64, 64, 256, 4, 3)]),
+              (512, [(64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 4)]),
+              (None, [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)])]
+# fast mode, quantized weights: GEMV up to GEMV_MAX_M rows; the fused dequantizing GEMM (mma.sync
+# tiles, then wgmma) up to 16 rows, and up to 64 for wide matrices (N >= WIDE_N); one dequantize
+# pass + cuBLAS above (H100: it wins from there on, bench/results/linear_final.json, section small).
+FAST_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3)])] + WGMMA_TILES
+FUSED_MAX_M, FUSED_MAX_M_WIDE, WIDE_N = 16, 64, 8192
+TILE_TABLES = {"bf16": BF16_TILES, "wgmma": WGMMA_TILES, "fast": FAST_TILES}
+_tiles_best: dict = {}
 
 
-def _pick(table: list, M: int, N: int) -> tuple:
-    for max_m, narrow, wide in table:
+def _bucket(table: list, M: int) -> tuple:
+    for i, (max_m, cands) in enumerate(table):
         if max_m is None or M <= max_m:
-            return wide if N >= WIDE_N else narrow
+            return i, cands
     raise AssertionError("tile table without a last row")
 
 
+def _tuned_tiles(x: torch.Tensor, w, table: str) -> tuple:
+    """The fastest candidate of x's M bucket in TILE_TABLES[table], timed once per (table, shape,
+    dtype, bucket) on the GPU; the bucket's first candidate where no timing can be taken (CPU,
+    CUDA-graph capture)."""
+    i, cands = _bucket(TILE_TABLES[table], x.shape[0])
+    qtype = w.qtype if isinstance(w, QuantWeight) else None
+    key = (table, tuple(w.shape), qtype, x.dtype, i)
+    if key in _tiles_best:
+        return _tiles_best[key]
+    if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or len(cands) == 1:
+        return cands[0]
+    from triton.testing import do_bench
+    times = [(do_bench(lambda c=c: gemm(x, w, c), warmup=5, rep=20, return_mode="median"), c) for c in cands]
+    _tiles_best[key] = min(times)[1]
+    return _tiles_best[key]
+
+
 def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None) -> tuple:
-    """The invariant mode's GEMM tiles for an [M, K] x [N, K].T product. They may change with M
-    only within one class of configs shown bit-identical on the GPU (see WGMMA_TILES); float32
-    activations keep the one fixed INVARIANT_CONFIG."""
+    """The invariant mode's default GEMM tiles for an [M, K] x [N, K].T product (linear() may time
+    the other candidates of the same table and bucket). Float32 activations keep INVARIANT_CONFIG."""
     if dtype == torch.float32:
         return INVARIANT_CONFIG
-    return _pick(BF16_TILES if qtype is None else WGMMA_TILES, M, N)
+    return _bucket(BF16_TILES if qtype is None else WGMMA_TILES, M)[1][0]
 
 
 def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (as ``matmul.linear_ref``)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    M, K = x.shape
+    M, N = x.shape[0], w.shape[0]
     qtype = w.qtype if isinstance(w, QuantWeight) else None
     if invariant:
-        return gemm(x, w, invariant_config(M, w.shape[0], K, x.dtype, qtype), out)
+        if x.dtype == torch.float32:
+            return gemm(x, w, INVARIANT_CONFIG, out)
+        return gemm(x, w, _tuned_tiles(x, w, "bf16" if qtype is None else "wgmma"), out)
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
     if M <= GEMV_MAX_M:
         return gemv(x, w, _tuned_gemv_config(x, w), out)
-    if M <= FUSED_MAX_M:
-        return gemm(x, w, _pick(SMALL_M_TILES + WGMMA_TILES, M, w.shape[0]), out)
+    if M <= FUSED_MAX_M or (M <= FUSED_MAX_M_WIDE and N >= WIDE_N):
+        return gemm(x, w, _tuned_tiles(x, w, "fast"), out)
     y = F.linear(x, dequantize(w, x.dtype))
     return y if out is None else out.copy_(y)
