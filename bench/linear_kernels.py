@@ -11,14 +11,20 @@ Sections (``--sections``, comma-separated):
   triton.testing.do_bench) per shape and M for: the fast path's kernels (cuBLAS for BF16; GEMV
   configs at M <= 8 and dequantize + cuBLAS above for quantized weights) and every GEMM
   candidate config (the invariant candidates, and for quantized weights the fused fast path).
+- ``small``: quantized weights at M = 1, 2, 4, 8: GEMV configs vs the fused GEMM's small tiles
+  and the wgmma tiles; at M = 1024 the fused GEMM vs dequantize (+ cuBLAS).
 - ``final``: the module's own choices, ``linear(x, w)`` vs ``linear(x, w, invariant=True)`` per
-  shape and M, and bitwise batch invariance of the latter (row r of M = 1 vs inside M = 17, 64,
-  256, 512), with the number of differing elements counted (no asserts).
+  shape and M, and bitwise batch invariance of both (rows of M = 1, 8, 17, 64, 256 vs the same
+  rows inside M = 512), with the number of differing elements counted (no asserts).
+- ``--derive SWEEP FINAL``: no GPU; the current tile tables' picks and fast-mode paths read off
+  two earlier runs' per-config times.
 
 Kernels are compiled ahead in parallel worker processes (``--jobs``) so compilation stays out of
 the device time as far as it can.
 
   PYTHONPATH=. python bench/linear_kernels.py --sections classes,time --out bench/results/linear_sweep.json
+  PYTHONPATH=. python bench/linear_kernels.py --sections classes,small,final --out bench/results/linear_final.json
+  PYTHONPATH=. python bench/linear_kernels.py --derive bench/results/linear_sweep.json bench/results/linear_final.json
 """
 from __future__ import annotations
 
@@ -376,13 +382,67 @@ def print_tables(res):
                   f"{r['inv_over_fast']:.2f} | {100 * r['fast_floor_frac']:.0f}% | {dd} |")
 
 
+def derive(sweep_path: str, final_path: str) -> list:
+    """The current policy's times, read off two earlier runs instead of re-measured: for each shape
+    and M, the invariant mode's pick (fastest candidate of its tile table and bucket, as linear()
+    tunes it) and fast mode's path (cuBLAS; GEMV / fused GEMM / dequantize + cuBLAS by the rules in
+    matmul_triton.linear), from the sweep's per-config times (sections time and small)."""
+    sweep, final = json.load(open(sweep_path)), json.load(open(final_path))
+    t = {(r["wtype"], r["shape"], r["M"]): r for r in sweep["time"]}
+    small = {(r["wtype"], r["shape"], r["M"]): r for r in final.get("small", [])}
+    cublas = {(r["shape"], r["M"]): r["cublas_us"] for r in sweep["time"] if r["wtype"] == "bf16"}
+
+    def best(table, wtype, name, m, n):
+        cands = mt._bucket(mt.TILE_TABLES[table], m)[1]
+        got = {}
+        for src in (t.get((wtype, name, m), {}), small.get((wtype, name, m), {})):
+            for c in cands:
+                v = src.get("gemm_us", {}).get(str(tuple(c) + (True,)))
+                if isinstance(v, float):
+                    got[c] = min(v, got.get(c, v))
+        return min((v, c) for c, v in got.items()) if got else (float("nan"), None)
+
+    rows = []
+    for wtype in WTYPES:
+        for name, (n, k) in SHAPES.items():
+            dq = small.get((wtype, name, 1024), {}).get("dequant_us")
+            for m in MS:
+                inv, inv_c = best("bf16" if wtype == "bf16" else "wgmma", wtype, name, m, n)
+                if wtype == "bf16":
+                    fast, path = cublas[(name, m)], "cublas"
+                elif m <= mt.GEMV_MAX_M:
+                    fast, path = min(small[(wtype, name, m)]["gemv_us"].values()), "gemv"
+                elif m <= mt.FUSED_MAX_M or (m <= mt.FUSED_MAX_M_WIDE and n >= mt.WIDE_N):
+                    fast, path = best("fast", wtype, name, m, n)[0], "fused"
+                else:
+                    fast, path = dq + cublas[(name, m)], "dequant+cublas"
+                rows.append({"wtype": wtype, "shape": name, "M": m, "fast_us": fast, "fast_path": path,
+                             "invariant_us": inv, "invariant_tiles": inv_c, "inv_over_fast": inv / fast,
+                             "floor_us": nbytes_of(wtype, n, k) / (sweep["copy_TBps"] * 1e12) * 1e6})
+    print("| weights | shape | M | fast path | fast us | invariant us (tiles) | inv/fast |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['wtype']} | {r['shape']} | {r['M']} | {r['fast_path']} | {r['fast_us']:.1f} | "
+              f"{r['invariant_us']:.1f} {r['invariant_tiles']} | {r['inv_over_fast']:.2f} |")
+    return rows
+
+
+def nbytes_of(wtype, n, k):
+    return n * k * 2 if wtype == "bf16" else n * k // 32 * {"q8_0": 34, "q4_0": 18}[wtype]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="classes,time")
     ap.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--jobs", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--out", default="bench/results/linear_sweep.json")
+    ap.add_argument("--derive", nargs=2, metavar=("SWEEP_JSON", "FINAL_JSON"),
+                    help="print the current policy's times from two earlier runs (no GPU)")
     a = ap.parse_args()
+    if a.derive:
+        derive(*a.derive)
+        return
     secs = a.sections.split(",")
     only = [s for s in a.shapes.split(",") if s]
     t0 = time.time()

@@ -97,27 +97,32 @@ def test_invariant_tiles_stay_in_one_class():
     of configs shown bit-identical on the H100 (bench/linear_kernels.py, section classes). Quantized
     weights: wgmma tiles only (BLOCK_M >= 64, warps a multiple of 4; mma.sync gave other bits).
     BF16: any of our Triton tiles (both MMA families gave the same bits). All: the natural K order,
-    BLOCK_K a multiple of 32. Float32 activations: the one INVARIANT_CONFIG at every M."""
+    BLOCK_K a multiple of 32. Activations other than BF16, and Q4_1 (not run in that sweep): the one
+    INVARIANT_CONFIG at every M."""
     wgmma = [c for _, cands in matmul_triton.WGMMA_TILES for c in cands]
     assert wgmma and all(bm >= 64 and warps % 4 == 0 for bm, _, _, warps, _ in wgmma)
     bf16 = [c for _, cands in matmul_triton.BF16_TILES for c in cands]
     assert all(bk % 32 == 0 for _, _, bk, _, _ in wgmma + bf16)
-    for qtype in ("q4_0", "q8_0", None):
-        assert {matmul_triton.invariant_config(m, 2048, 2048, torch.float32, qtype)
+    for qtype, dtype in (("q4_1", torch.bfloat16), ("q4_0", torch.float16), ("q4_0", torch.float32), (None, torch.float32)):
+        assert {matmul_triton.invariant_config(m, 2048, 2048, dtype, qtype)
                 for m in range(1, 4097, 7)} == {matmul_triton.INVARIANT_CONFIG}
+    for qtype in ("q4_0", "q8_0", None):
         for m in range(1, 4097, 7):
             assert matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16, qtype) in (bf16 if qtype is None else wgmma)
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", None])
-def test_linear_invariant_mode_is_batch_invariant(qtype):
+def test_linear_invariant_mode_is_batch_invariant(qtype, monkeypatch):
     """A row's bits do not depend on the batch around it: row r alone (M = 1) == row r inside
     M = 17 and M = 64. Under the interpreter a dot is one numpy matmul per tile, whose rounding
-    depends on the tile's K width; the quantized policy keeps one tile config for M <= 64, and
-    dense weights are checked in float32 (one fixed config); the GPU check of the per-M policy
-    (BF16 tiles that change with M) is bench/linear_kernels.py --sections final.
+    depends on the tile's K width, and bf16 dots are wrong, so: quantized weights run the BF16 policy
+    (WGMMA_TILES, whose candidates for M <= 64 share one default) on float16 activations, dense
+    weights the fixed float32 config; the GPU check of tiles that change with M is
+    bench/linear_kernels.py (sections classes and final).
     The check can fail: fast mode (GEMV at M = 1, tensor cores at M = 17), another BLOCK_K, or the
     two-dot K order of 4-bit weights give other bits for some rows."""
+    if qtype:
+        monkeypatch.setattr(matmul_triton, "_invariant_table", lambda dtype, qtype: "wgmma")
     gen, seed = fresh_gen()
     K, N = 256, 48
     dtype = torch.float32 if qtype is None else torch.float16
@@ -130,6 +135,7 @@ def test_linear_invariant_mode_is_batch_invariant(qtype):
         assert all(torch.equal(alone, full[m][r]) for m in (17, 64)), f"seed {seed}"
     # the float32 accumulator's bits (an output buffer in float32) show the order changes
     cfg = matmul_triton.invariant_config(17, N, K, dtype, qtype)
+    assert cfg == (matmul_triton.WGMMA_TILES[0][1][0] if qtype else matmul_triton.INVARIANT_CONFIG)
     acc = lambda c, **kw: matmul_triton.gemm(x[:17], W, c, out=torch.empty(17, N), **kw)
     assert not torch.equal(acc((cfg[0], cfg[1], 32 if cfg[2] != 32 else 64) + cfg[3:]), acc(cfg)), f"seed {seed}"
     if qtype == "q4_0":

@@ -4,20 +4,24 @@ Same signature as ``matmul.linear_ref``; the weight planes of ``QuantWeight`` (q
 are read directly and dequantized in registers, products accumulated in float32.
 
 Kernels:
-- GEMV (fast mode, M <= GEMV_MAX_M, quantized): one program per (BLOCK_N outputs, all rows);
-  the quant plane is read as int32 words, unpacked with shifts and masks and turned into
-  floats by the 2^23 mantissa trick (no int->float instructions), multiplied with x on the
-  CUDA cores, each word's partial sum scaled once by its block's d (Q4_1: + min * sum(x)).
-- Fast mode, larger M: a one-pass Triton dequantization to x's dtype, then cuBLAS.
-- GEMM (tensor cores, the invariant modes): the weight tile is dequantized to x's dtype and fed to ``tl.dot``.
-  For the 4-bit types a K-tile is two dots: the low nibbles (weights j of each 32-block)
-  against x[:, 32b + j] and the high nibbles (weights j + 16) against x[:, 32b + 16 + j],
-  so no in-register interleave is needed.
+- GEMV (fast mode, M <= GEMV_MAX_M, quantized): one row per program; a thread holds one block row
+  of quants (128-bit loads), unpacks them with the 2^23 mantissa trick (no int->float
+  instructions), sums them against x in registers and scales each block's sum once by its d.
+- GEMM (tensor cores): the weight tile is dequantized to x's dtype in registers and fed to one
+  ``tl.dot`` per K tile, in K order (a 4-bit block's low nibbles are weights 0..15, the high ones
+  16..31; they are joined back into that order). ``natural=False`` instead takes two dots per tile
+  (all low halves, then all high halves): another summation order, kept to show that order matters.
+- Dequantize: planes -> dense weights in one pass, for cuBLAS at large M (fast mode).
 
-Numerics: in ``invariant`` mode the GEMM runs with one fixed tile config (``INVARIANT_CONFIG``)
-for every M and every weight type, and never split-K, so a row's reduction order does not
-depend on how many rows share the call. In fast mode dense weights go to cuBLAS (torch), and
-quantized weights take the GEMV up to GEMV_MAX_M rows and dequantize + cuBLAS above.
+Numerics. The invariant modes never split K, and a K tile is reduced by tensor-core MMA steps of 16
+in K order into the float32 accumulator. On the H100 (bench/linear_kernels.py, section classes)
+every wgmma tile config (any BLOCK_M >= 64, BLOCK_N, BLOCK_K, warps, stages) gave bit-identical
+outputs, and for BF16 weights the mma.sync tiles too; for quantized weights the mma.sync tiles gave
+other bits. So with BF16 activations the invariant mode picks its tiles by M, but only among one
+such class (WGMMA_TILES for Q8_0/Q4_0, BF16_TILES for dense), timing the candidates once per shape
+and M bucket; other activation dtypes and Q4_1 (not in that sweep) keep one fixed INVARIANT_CONFIG.
+Fast mode: cuBLAS for dense weights; for quantized ones the GEMV, then the fused GEMM with any
+tiles (mma.sync included), then dequantize + cuBLAS, by M (see linear()).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from exactllm.formats.quant import QuantWeight
 
 QCODES = {None: 0, "q4_0": 1, "q4_1": 2, "q8_0": 3}
 GEMV_MAX_M = 2
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): fixed, whatever M is.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the invariant mode at every M, where no
+# class of bit-identical configs has been shown (see _invariant_table).
 INVARIANT_CONFIG = (64, 64, 64, 4, 3)
 
 
@@ -278,9 +283,10 @@ BF16_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (16, 128, 128, 4, 
 # fast mode, quantized weights: GEMV up to GEMV_MAX_M rows; the fused dequantizing GEMM (mma.sync
 # tiles, then wgmma) up to 16 rows, and up to 64 for wide matrices (N >= WIDE_N); one dequantize
 # pass + cuBLAS above (H100: it wins from there on, bench/results/linear_final.json, section small).
-FAST_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3)])] + WGMMA_TILES
+FAST_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (64, 16, 256, 4, 3), (64, 64, 64, 4, 3)])] + WGMMA_TILES
 FUSED_MAX_M, FUSED_MAX_M_WIDE, WIDE_N = 16, 64, 8192
 TILE_TABLES = {"bf16": BF16_TILES, "wgmma": WGMMA_TILES, "fast": FAST_TILES}
+VERIFIED_QTYPES = (None, "q4_0", "q8_0")
 _tiles_best: dict = {}
 
 
@@ -308,12 +314,19 @@ def _tuned_tiles(x: torch.Tensor, w, table: str) -> tuple:
     return _tiles_best[key]
 
 
+def _invariant_table(dtype: torch.dtype, qtype: str | None) -> str | None:
+    """The tile table the invariant mode may tune over, or None for the one fixed INVARIANT_CONFIG:
+    the classes were shown on the GPU for BF16 activations with BF16, Q8_0 and Q4_0 weights only."""
+    if dtype != torch.bfloat16 or qtype not in VERIFIED_QTYPES:
+        return None
+    return "bf16" if qtype is None else "wgmma"
+
+
 def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None) -> tuple:
     """The invariant mode's default GEMM tiles for an [M, K] x [N, K].T product (linear() may time
-    the other candidates of the same table and bucket). Float32 activations keep INVARIANT_CONFIG."""
-    if dtype == torch.float32:
-        return INVARIANT_CONFIG
-    return _bucket(BF16_TILES if qtype is None else WGMMA_TILES, M)[1][0]
+    the other candidates of the same table and bucket)."""
+    table = _invariant_table(dtype, qtype)
+    return INVARIANT_CONFIG if table is None else _bucket(TILE_TABLES[table], M)[1][0]
 
 
 def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -323,9 +336,8 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
     M, N = x.shape[0], w.shape[0]
     qtype = w.qtype if isinstance(w, QuantWeight) else None
     if invariant:
-        if x.dtype == torch.float32:
-            return gemm(x, w, INVARIANT_CONFIG, out)
-        return gemm(x, w, _tuned_tiles(x, w, "bf16" if qtype is None else "wgmma"), out)
+        table = _invariant_table(x.dtype, qtype)
+        return gemm(x, w, INVARIANT_CONFIG if table is None else _tuned_tiles(x, w, table), out)
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
