@@ -294,7 +294,11 @@ def classes_section():
             dense = w.dequantize(x.dtype) if wtype != "bf16" else w
             rows["cublas"] = {"err": rel(F.linear(x, dense), ref64), "diff_m512": diff(F.linear(x, dense), ref),
                               "diff_m1": diff(F.linear(x[:1], dense), ref[:1])}
-            if wtype != "bf16":
+            if wtype != "bf16":  # a candidate for the invariant mode at large M: dequantize, then BF16 tiles
+                wd = mt.dequantize(w, x.dtype)
+                for c in ((16, 16, 256, 2, 4), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3)):
+                    rows[f"dequant+{c}"] = {"diff_m512": diff(mt.gemm(x, wd, c), ref),
+                                            "diff_m1": diff(mt.gemm(x[:1], wd, c), ref[:1])}
                 g1 = mt.gemv(x[:1], w)
                 g8 = mt.gemv(x[:8], w)
                 rows["gemv"] = {"err": rel(g8, ref64[:8]), "diff_m1": diff(g1, ref[:1]), "diff_m8": diff(g8, ref[:8])}
@@ -350,7 +354,8 @@ def print_tables(res):
                 print(f"   {c:32s} {v['error']}")
             else:
                 d = " / ".join(str(v.get(key, "-")) for key in ("diff_m512", "diff_m17", "diff_m1", "diff_rows_100_164"))
-                print(f"   {c:32s} {v.get('mma', ''):8s} err {v['err']:.1e}  diff {d}")
+                err = f"err {v['err']:.1e}" if "err" in v else " " * 11
+                print(f"   {c:32s} {v.get('mma', ''):8s} {err}  diff {d}")
     for r in res.get("time", []):
         g = r["gemm_us"]
         best = min((v, c) for c, v in g.items() if isinstance(v, float))
