@@ -92,13 +92,16 @@ def test_dequantize_kernel(qtype):
         assert torch.equal(got, want), f"seed {seed}"
 
 
-def test_invariant_tiles_stay_in_one_class():
+def test_invariant_tiles_stay_in_one_class(monkeypatch):
     """The invariant mode may take, at any M, any candidate of its table: those must lie in one class
     of configs shown bit-identical on the H100 (bench/linear_kernels.py, section classes). Quantized
     weights: wgmma tiles only (BLOCK_M >= 64, warps a multiple of 4; mma.sync gave other bits).
     BF16: any of our Triton tiles (both MMA families gave the same bits). All: the natural K order,
     BLOCK_K a multiple of 32. Activations other than BF16, and Q4_1 (not run in that sweep): the one
-    INVARIANT_CONFIG at every M."""
+    INVARIANT_CONFIG at every M; so do GPUs other than Hopper, where the classes were not shown."""
+    assert {matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16, "q4_0", torch.device("cpu"))
+            for m in range(1, 4097, 7)} == {matmul_triton.INVARIANT_CONFIG}
+    monkeypatch.setattr(matmul_triton, "_is_hopper", lambda device: True)
     wgmma = [c for _, cands in matmul_triton.WGMMA_TILES for c in cands]
     assert wgmma and all(bm >= 64 and warps % 4 == 0 for bm, _, _, warps, _ in wgmma)
     bf16 = [c for _, cands in matmul_triton.BF16_TILES for c in cands]
@@ -122,7 +125,7 @@ def test_linear_invariant_mode_is_batch_invariant(qtype, monkeypatch):
     The check can fail: fast mode (GEMV at M = 1, tensor cores at M = 17), another BLOCK_K, or the
     two-dot K order of 4-bit weights give other bits for some rows."""
     if qtype:
-        monkeypatch.setattr(matmul_triton, "_invariant_table", lambda dtype, qtype: "wgmma")
+        monkeypatch.setattr(matmul_triton, "_invariant_table", lambda dtype, qtype, device: "wgmma")
     gen, seed = fresh_gen()
     K, N = 256, 48
     dtype = torch.float32 if qtype is None else torch.float16

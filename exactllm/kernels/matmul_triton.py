@@ -314,18 +314,24 @@ def _tuned_tiles(x: torch.Tensor, w, table: str) -> tuple:
     return _tiles_best[key]
 
 
-def _invariant_table(dtype: torch.dtype, qtype: str | None) -> str | None:
+def _invariant_table(dtype: torch.dtype, qtype: str | None, device: torch.device) -> str | None:
     """The tile table the invariant mode may tune over, or None for the one fixed INVARIANT_CONFIG:
-    the classes were shown on the GPU for BF16 activations with BF16, Q8_0 and Q4_0 weights only."""
-    if dtype != torch.bfloat16 or qtype not in VERIFIED_QTYPES:
+    the classes were shown on a Hopper GPU (H100, Triton 3.6) for BF16 activations with BF16, Q8_0
+    and Q4_0 weights only; other GPUs have other MMA instructions, so they keep the fixed config."""
+    if dtype != torch.bfloat16 or qtype not in VERIFIED_QTYPES or not _is_hopper(device):
         return None
     return "bf16" if qtype is None else "wgmma"
 
 
-def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None) -> tuple:
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None,
+                     device: torch.device = torch.device("cuda")) -> tuple:
     """The invariant mode's default GEMM tiles for an [M, K] x [N, K].T product (linear() may time
     the other candidates of the same table and bucket)."""
-    table = _invariant_table(dtype, qtype)
+    table = _invariant_table(dtype, qtype, device)
     return INVARIANT_CONFIG if table is None else _bucket(TILE_TABLES[table], M)[1][0]
 
 
@@ -336,7 +342,7 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
     M, N = x.shape[0], w.shape[0]
     qtype = w.qtype if isinstance(w, QuantWeight) else None
     if invariant:
-        table = _invariant_table(x.dtype, qtype)
+        table = _invariant_table(x.dtype, qtype, x.device)
         return gemm(x, w, INVARIANT_CONFIG if table is None else _tuned_tiles(x, w, table), out)
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))
