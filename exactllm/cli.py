@@ -101,6 +101,8 @@ def cmd_info(args) -> int:
     print(f"name:          {cfg.name}")
     print(f"architecture:  {cfg.arch}: {cfg.n_layers} layers, hidden {cfg.hidden}, heads {cfg.n_heads}/{cfg.n_kv_heads} "
           f"(q/kv), head_dim {cfg.head_dim}, ffn {cfg.ffn}, vocab {cfg.vocab}")
+    if cfg.n_experts:
+        print(f"experts:       {cfg.n_experts}, top-{cfg.top_k} per token, expert ffn {cfg.expert_ffn}")
     print(f"context:       {cfg.max_context} tokens, rope base {cfg.rope_base:g}, rms eps {cfg.norm_eps:g}")
     print(f"tensors:       {len(m.weights)} ({', '.join(f'{k} x{v}' for k, v in sorted(types.items()))}), "
           f"{size / 2**20:.1f} MiB")

@@ -54,8 +54,8 @@ class LLM:
     enable_expert_parallel: shard the experts over the tensor_parallel_size ranks (required for
       a MoE model at tensor_parallel_size > 1; attention stays tensor-parallel).
     load_balancer: "none" | "realb" (overloaded, vision-heavy ranks run their experts in low precision,
-      realb_low_precision "fp8" or "fp4" (weight-only MXFP4: Hopper has no FP4 tensor cores), for
-      the step) | "eplb" (redundant copies of hot experts from a sliding window of past loads).
+      realb_low_precision "fp8", "fp4" (weight-only MXFP4) or "nvfp4" (weight-only NVFP4; Hopper
+      has no FP4 tensor cores, so FP4 weights are dequantized in the kernel), for the step) | "eplb" (redundant copies of hot experts from a sliding window of past loads).
     realb_modality_threshold / realb_overload_threshold / realb_low_precision / realb_resident:
       the ReaLB knobs (balance/realb.py ReaLBConfig); eplb_redundant_experts / eplb_window /
       eplb_period: the EPLB ones (models/moe.py MoEOptions).

@@ -244,20 +244,6 @@ def test_paged_attention(dtype, case, heads):
         check(out, ref, ref64, dtype, seed)
 
 
-def test_write_kv_skips_negative_slots():
-    gen, seed = fresh_gen()
-    k = torch.randn(5, 2, 16, generator=gen)
-    v = torch.randn(5, 2, 16, generator=gen)
-    kc = torch.randn(4, 4, 2, 16, generator=gen)
-    vc = torch.randn(4, 4, 2, 16, generator=gen)
-    slots = torch.tensor([3, 9, -1, 0, 15])
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    keep = slots >= 0
-    attention.write_kv_ref(k[keep], v[keep], kc_ref, vc_ref, slots[keep])
-    attention_triton.write_kv(k, v, kc, vc, slots)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), f"seed {seed}"
-
-
 @pytest.mark.parametrize("heads,tiles", [((6, 2), (16, 16, 4)), ((4, 4), (32, 16, 4))])
 def test_attention_invariant_mode_prefill_equals_decode(heads, tiles):
     """With a fixed KV split, a token's output is bitwise the same whether it is computed in a

@@ -271,3 +271,12 @@ def test_requantize_keeps_expert_stacks_and_router(tmp_path, f32_file):
     got = exactllm_logits(LLM(dst), SEQS[:1])[0]
     assert (got - reference_logits(q8, SEQS[0])).abs().max().item() < LOGIT_TOL
     assert (got - reference_logits(held, SEQS[0])).abs().max().item() < 0.5
+
+
+def test_cli_info_shows_the_experts(f32_file, capsys):
+    from exactllm.cli import main
+    path, _ = f32_file
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"experts:       {E}, top-{K} per token, expert ffn {F}" in out
+    assert "architecture:  moe" in out

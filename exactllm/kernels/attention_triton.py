@@ -34,33 +34,6 @@ INVARIANT_TILES = (64, 64, 4)
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cslot, stride_ch, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:  # negative slots are padding rows (CUDA-graph batches): nothing to store
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, HEAD_DIM)
-        mask = (h < n_heads)[:, None]
-        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-        dst = slot * stride_cslot + h[:, None] * stride_ch + d[None, :]
-        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """As ``attention.write_kv_ref``; rows whose slot is negative are skipped."""
-    t, h, d = k.shape
-    assert k_cache.stride(1) == k_cache.stride(2) * h and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
-    if t:
-        _write_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, h, k.stride(0), k.stride(1), v.stride(0),
-                               v.stride(1), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=d,
-                               BLOCK_H=triton.next_power_of_2(h), num_warps=1)
-
-
-@triton.jit
 def _find_seq(cum_ptr, n_seqs, idx, n_iter):
     """Largest s in [0, n_seqs) with cum[s] <= idx (cum nondecreasing, cum[0] = 0)."""
     lo = 0

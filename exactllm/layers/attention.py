@@ -44,6 +44,10 @@ class Attention(nn.Module):
                                        for name in ("q", "k", "v")]))
         self.o = Linear(shard_weight(weights[f"{prefix}.attn_output.weight"], 1, tp))
 
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook between the qkv projection and RoPE ([T, heads, head_dim] each); Llama: none."""
+        return q, k
+
     def forward(self, x, positions, batch: AttnBatch, kv_cache, rope_tables):
         ops = self.ops
         t = x.shape[0]
@@ -52,6 +56,7 @@ class Attention(nn.Module):
         q = q.reshape(t, self.n_heads, self.head_dim)
         k = k.reshape(t, self.n_kv_heads, self.head_dim)
         v = v.reshape(t, self.n_kv_heads, self.head_dim)
+        q, k = self.normalize_qk(q, k)
         cos, sin = rope_tables
         k_cache, v_cache = kv_cache
         q = ops.rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, batch.slot_mapping)

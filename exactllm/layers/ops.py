@@ -81,13 +81,6 @@ class Ops:
             return rmsnorm_triton.rmsnorm(x, weight, eps, residual)
         return rmsnorm.rmsnorm_ref(x, weight, eps, residual)
 
-    def rope(self, x, positions, cos, sin):
-        """Returns x rotated (on CUDA in place: x must not be needed unrotated afterwards)."""
-        if self._cuda:
-            from exactllm.kernels import rope_triton
-            return rope_triton.apply_rope(x, positions, cos, sin)
-        return rope.apply_rope_ref(x, positions, cos, sin)
-
     def rope_kv(self, q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
         """RoPE on q and k, then k and v stored at their cache slots; returns the rotated q (on
         CUDA q is rotated in place, one kernel for all of it; negative slots are skipped there)."""
@@ -102,13 +95,6 @@ class Ops:
             from exactllm.kernels import activation_triton
             return activation_triton.silu_mul(gate, up)
         return activation.silu_mul_ref(gate, up)
-
-    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        """Store K/V rows at their cache slots; on CUDA negative slots (graph padding) are skipped."""
-        if self._cuda:
-            from exactllm.kernels import attention_triton
-            return attention_triton.write_kv(k, v, k_cache, v_cache, slot_mapping)
-        attention.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
     def attention(self, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
         if self._exact_cpu:

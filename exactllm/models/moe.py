@@ -184,22 +184,11 @@ class QKNormAttention(Attention):
         self.q_norm = nn.Parameter(weights[f"{prefix}.attn_q_norm.weight"].float(), requires_grad=False)
         self.k_norm = nn.Parameter(weights[f"{prefix}.attn_k_norm.weight"].float(), requires_grad=False)
 
-    def forward(self, x, positions, batch, kv_cache, rope_tables):
-        ops = self.ops
-        t, d = x.shape[0], self.head_dim
-        q_width, kv_width = self.n_heads * d, self.n_kv_heads * d
-        q, k, v = ops.linear(x, self.qkv.value).split((q_width, kv_width, kv_width), dim=-1)
-        q = ops.rmsnorm(q.reshape(t * self.n_heads, d), self.q_norm, self.eps).reshape(t, self.n_heads, d)
-        k = ops.rmsnorm(k.reshape(t * self.n_kv_heads, d), self.k_norm, self.eps).reshape(t, self.n_kv_heads, d)
-        v = v.reshape(t, self.n_kv_heads, d)
-        cos, sin = rope_tables
-        q = ops.rope(q, positions, cos, sin)
-        k = ops.rope(k, positions, cos, sin)
-        k_cache, v_cache = kv_cache
-        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = ops.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
-                          batch.block_tables, self.scale)
-        return ops.row_parallel_linear(o.reshape(t, -1), self.o.value, self.tp)
+    def normalize_qk(self, q, k):
+        (t, hq, d), hk = q.shape, k.shape[1]
+        q = self.ops.rmsnorm(q.reshape(t * hq, d), self.q_norm, self.eps).reshape(t, hq, d)
+        k = self.ops.rmsnorm(k.reshape(t * hk, d), self.k_norm, self.eps).reshape(t, hk, d)
+        return q, k
 
 
 class MoEModel(LlamaModel):
