@@ -19,6 +19,10 @@ SCRIPTS = {
     "moe": ("moe_layer.py", "MoE layer: none vs realb vs eplb (per-rank latency), FP8 vs BF16 grouped GEMM"),
     "moe-e2e": ("moe_e2e.py", "MoE model prefill throughput and accuracy proxy"),
     "server": ("server_load.py", "OpenAI server under concurrent streaming clients vs offline"),
+    "profile": ("profile_decode.py", "GPU kernels per decode step and their time (eager profile, graph step)"),
+    "linear": ("linear_kernels.py", "GPU linear kernels: bit classes of tile configs, invariant vs fast, GEMV vs bytes"),
+    "moe-accuracy": ("moe_accuracy.py", "low-precision experts vs BF16: top-1 agreement and KL by logit margin"),
+    "host": ("host_overhead.py", "engine host time per step with a stub model"),
 }
 BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
