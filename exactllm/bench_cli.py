@@ -5,6 +5,7 @@ only finds and runs them, passing the remaining arguments through.
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import runpy
 import sys
@@ -39,7 +40,8 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark (tables, JSON and PNG under bench/results)",
-                       description="\n".join(f"  {name:<11} {desc}" for name, (_, desc) in SCRIPTS.items()))
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="\n".join(f"  {name:<13} {desc}" for name, (_, desc) in SCRIPTS.items()))
     p.add_argument("name", choices=sorted(SCRIPTS))
     p.add_argument("rest", nargs="...", help="arguments for the benchmark script (see: exactllm bench NAME --help)")
     p.set_defaults(func=cmd_bench)
