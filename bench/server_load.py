@@ -2,15 +2,19 @@
 and the server's overhead against offline LLM.generate on the same work.
 
     PYTHONPATH=. python bench/server_load.py [--model random:tinyllama-1.1b] [--device cuda] \
-        [--concurrency 1 8 64] [--rounds 3] [--max-tokens 8]
+        [--concurrency 1 8 64] [--rounds 3] [--max-tokens 8] [--client-procs 8] [--client-check]
 
 Each level runs C closed-loop clients, each sending `rounds` streaming requests one after
-another (greedy, ignore_eos, exactly max_tokens tokens each). The offline baseline runs the
-same prompts through LLM.generate in groups of C, one group after another, which is the batch
-shape the server sees. The server runs in its own process (`exactllm serve`), idle while the
-offline engine (in this process) runs. Server and offline runs alternate `--repeats` times per
-level and the fastest wall time of each is compared, so that load from other processes on a
-shared machine biases neither side; latency percentiles pool all repeats.
+another (greedy, ignore_eos, exactly max_tokens tokens each), spread over --client-procs load
+generator processes (one asyncio loop parsing 64 streams cannot keep up with a GPU; measure the
+load generator alone with --client-check). The offline baseline runs the same prompts through
+LLM.generate in groups of C, one group after another, which is the batch shape the server sees.
+The server runs in its own process (`exactllm serve`), idle while the offline engine (in this
+process) runs. Before each level both sides run one untimed group of C (CUDA graphs of the
+level's batch sizes, kernels). Server and offline runs alternate `--repeats` times per level and
+the fastest wall time of each is compared, so that load from other processes on a shared
+machine biases neither side; latency percentiles pool all repeats. The server's own step
+counters (/metrics) show how its time splits into prompt and decode steps.
 Writes bench/results/server_load_<device>.json and .png and prints a table.
 """
 from __future__ import annotations
@@ -20,11 +24,13 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import httpx
 
@@ -68,26 +74,60 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": ntok, "latency": time.perf_counter() - t0}
 
 
-async def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    queue = list(reversed(prompts))
+async def run_clients(url: str, model: str, work: list[list[str]], max_tokens: int, go: float) -> dict:
+    """One closed-loop client per list in work, each sending its prompts one after another,
+    from time.monotonic() == go; the connections are opened before that."""
     results = []
 
-    async def client_loop(client):
-        while queue:
-            body = {"model": model, "prompt": queue.pop(), "max_tokens": max_tokens, "temperature": 0,
+    async def client_loop(client, prompts):
+        for prompt in prompts:
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "logprobs": 0}
             results.append(await stream_one(client, url, body))
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    limits = httpx.Limits(max_connections=len(work), max_keepalive_connections=len(work))
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+        await asyncio.gather(*(client.get(url + "/health") for _ in work))
+        await asyncio.sleep(max(0.0, go - time.monotonic()))
+        t0 = time.monotonic()
+        await asyncio.gather(*(client_loop(client, prompts) for prompts in work))
+        t1 = time.monotonic()
+    return {"start": t0, "end": t1, "results": results}
+
+
+def client_process(url: str, model: str, work: list[list[str]], max_tokens: int, go: float) -> dict:
+    """A load-generator process (see run_clients)."""
+    return asyncio.run(run_clients(url, model, work, max_tokens, go))
+
+
+def run_level(pool: ProcessPoolExecutor, procs: int, url: str, model: str, prompts: list[str], concurrency: int,
+              max_tokens: int) -> dict:
+    """C clients (client k sends prompts k, k+C, ...) spread over `procs` processes: one asyncio
+    loop parsing 64 SSE streams is itself a bottleneck at GPU token rates, so the load
+    generator must not be measured instead of the server."""
+    clients = [prompts[k::concurrency] for k in range(concurrency)]
+    procs = min(procs, concurrency)
+    go = time.monotonic() + 0.5
+    futs = [pool.submit(client_process, url, model, clients[p::procs], max_tokens, go) for p in range(procs)]
+    parts = [f.result() for f in futs]
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    results = [r for p in parts for r in p["results"]]
     tokens = sum(r["tokens"] for r in results)
     assert tokens == len(prompts) * max_tokens, (tokens, len(prompts), max_tokens)
     return {"requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
             "output_tokens_per_s": tokens / wall, "ttft": [r["ttft"] for r in results],
             "itl": [x for r in results for x in r["itl"]]}
+
+
+def scrape_steps(url: str) -> dict:
+    """The server's engine-step counters from /metrics: {kind: [steps, seconds]}."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        for name, i in (("exactllm_engine_steps_total", 0), ("exactllm_engine_step_seconds_total", 1)):
+            if line.startswith(name + '{kind="'):
+                kind = line.split('"')[1]
+                out.setdefault(kind, [0, 0.0])[i] = float(line.split()[-1])
+    return out
 
 
 def start_server(args, port: int) -> subprocess.Popen:
@@ -165,30 +205,45 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="alternating server/offline runs per level")
+    ap.add_argument("--client-procs", type=int, default=8, help="load-generator processes (at most C)")
+    ap.add_argument("--client-check", action="store_true",
+                    help="first time the load generator alone against a stub server that answers at once")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/server_load_<device>.json)")
     args = ap.parse_args()
 
     work = {c: prompts_for(c, c * args.rounds) for c in args.concurrency}
     model = served_model_name(args.model)
+    # Load-generator processes, started before this process touches CUDA.
+    pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
+    client_only = {}
+    if args.client_check:
+        client_only = check_client(pool, args, work)
     off = Offline(args)
     port = free_port()
     proc = start_server(args, port)
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        asyncio.run(run_level(url, model, ["warm up"], 1, args.max_tokens))
         for c, prompts in work.items():
+            # Warm both sides at this level's batch shapes (CUDA graphs, kernels), untimed.
+            run_level(pool, args.client_procs, url, model, prompts_for(-c, c), c, args.max_tokens)
+            off.run(prompts_for(-c, c), c)
+            steps0 = scrape_steps(url)
             runs, walls = [], []
             for rep in range(args.repeats):
-                runs.append(asyncio.run(run_level(url, model, prompts, c, args.max_tokens)))
+                runs.append(run_level(pool, args.client_procs, url, model, prompts, c, args.max_tokens))
                 walls.append(off.run(prompts, c))
                 print(f"C={c} repeat {rep}: server {runs[-1]['wall_s']:.2f} s, offline {walls[-1]:.2f} s", flush=True)
+            steps = {k: [(v[0] - steps0.get(k, [0, 0.0])[0]) / args.repeats,
+                         (v[1] - steps0.get(k, [0, 0.0])[1]) / args.repeats] for k, v in scrape_steps(url).items()}
             s = merge(runs)
             rows.append({"concurrency": c, **s, "offline_wall_s": min(walls), "offline_wall_s_all": walls,
-                         "overhead": s["wall_s"] / min(walls) - 1.0})
+                         "overhead": s["wall_s"] / min(walls) - 1.0, "server_steps_per_repeat": steps,
+                         "client_only_wall_s": client_only.get(c)})
     finally:
         proc.terminate()
         proc.wait(120)
+        pool.shutdown()
 
     device = args.device
     if device.startswith("cuda"):
@@ -197,18 +252,23 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
     result = {"model": model, "device": args.device, "device_name": device_name, "numerics": args.numerics,
-              "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
+              "client_procs": args.client_procs, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "loadavg_end": os.getloadavg(), "levels": rows}
 
     hdr = (f"{'C':>4} {'req':>5} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-           f"{'ITL p50':>9} {'ITL p99':>9} {'server s':>9} {'offline s':>9} {'overhead':>9}")
+           f"{'ITL p50':>9} {'ITL p99':>9} {'server s':>9} {'offline s':>9} {'overhead':>9} "
+           f"{'steps p/d':>10} {'step s':>7} {'client s':>9}")
     print(f"\n{model} on {device_name}, {args.max_tokens} tokens/request, numerics {args.numerics}")
     print(hdr)
     for r in rows:
         print(f"{r['concurrency']:>4} {r['requests']:>5} {r['requests_per_s']:>8.3f} {r['output_tokens_per_s']:>8.2f} "
               f"{r['ttft_p50_s'] * 1e3:>7.0f}ms {r['ttft_p99_s'] * 1e3:>7.0f}ms {r['itl_p50_s'] * 1e3:>7.0f}ms "
               f"{r['itl_p99_s'] * 1e3:>7.0f}ms {r['wall_s']:>9.2f} {r['offline_wall_s']:>9.2f} "
-              f"{r['overhead'] * 100:>8.1f}%")
+              f"{r['overhead'] * 100:>8.1f}% {steps_cell(r):>10} {step_seconds(r):>7.2f} "
+              f"{r['client_only_wall_s'] or float('nan'):>9.2f}")
+    print("steps p/d: the server's engine steps per repeat that computed prompt tokens / only decoded; "
+          "step s: their seconds; client s: the load generator alone against a stub (--client-check)")
 
     out = args.out or os.path.join("bench", "results", f"server_load_{args.device.split(':')[0]}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -216,6 +276,75 @@ def main() -> None:
         json.dump(result, f, indent=2)
     plot(rows, out[:-5] + ".png", f"{model} on {device_name}")
     print(f"wrote {out}")
+
+
+def steps_cell(row: dict) -> str:
+    st = row["server_steps_per_repeat"]
+    return f"{st.get('prompt', [0])[0]:.0f}/{st.get('decode', [0])[0]:.0f}"
+
+
+def step_seconds(row: dict) -> float:
+    return sum(v[1] for v in row["server_steps_per_repeat"].values())
+
+
+def stub_server(port: int, max_tokens: int) -> None:
+    """A stand-in for the server that streams max_tokens one-token completion chunks at once
+    for every request (HTTP/1.1 keep-alive, chunked): what the load generator alone can take."""
+    chunk = "data: " + json.dumps({"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": "stub",
+                                   "choices": [{"index": 0, "text": " tea", "finish_reason": None,
+                                                "logprobs": {"tokens": [" tea"], "token_logprobs": [-1.0],
+                                                             "top_logprobs": [{" tea": -1.0}], "text_offset": [0]}}]})
+    frames = [b"%x\r\n%s\r\n" % (len(b), b) for b in ((chunk + "\n\n").encode(), b"data: [DONE]\n\n")]
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in request.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                writer.write(head)
+                for _ in range(max_tokens):
+                    writer.write(frames[0])
+                    await writer.drain()
+                writer.write(frames[1] + b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve():
+        async with await asyncio.start_server(handle, "127.0.0.1", port) as srv:
+            await srv.serve_forever()
+
+    asyncio.run(serve())
+
+
+def check_client(pool: ProcessPoolExecutor, args, work: dict) -> dict:
+    """Wall time of each level's load against the stub: the floor the load generator puts under
+    any server measurement (it should be far below the offline engine's time)."""
+    port = free_port()
+    stub = multiprocessing.get_context("spawn").Process(target=stub_server, args=(port, args.max_tokens), daemon=True)
+    stub.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the stub server did not start") from None
+                time.sleep(0.1)
+        walls = {}
+        for c, prompts in work.items():
+            walls[c] = min(run_level(pool, args.client_procs, f"http://127.0.0.1:{port}", "stub", prompts, c,
+                                     args.max_tokens)["wall_s"] for _ in range(args.repeats))
+            print(f"C={c}: load generator alone (stub server) {walls[c]:.2f} s", flush=True)
+        return walls
+    finally:
+        stub.terminate()
+        stub.join()
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

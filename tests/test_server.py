@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import signal
+import threading
 import time
 
 import httpx
@@ -23,7 +24,10 @@ import openai
 import pytest
 
 from exactllm import LLM, SamplingParams
+from exactllm.engine.llm_engine import RequestOutput
 from exactllm.server.app import create_app
+from exactllm.server.engine_loop import Admission, Event, merge_events
+from exactllm.server.protocol import ChunkEncoder, chat_body, completion_body
 from exactllm.server.runner import ServerThread
 from serve_process import start_serve
 
@@ -310,6 +314,140 @@ def test_engine_fault_is_a_500_body_and_server_recovers(mini, monkeypatch):
     wait_idle(mini)
     r = httpx.post(mini.url + "/v1/completions", headers=headers(), json={**GOOD, "max_tokens": 5}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+# ----------------------------------------------------------------------------- throughput machinery
+def test_merge_events_joins_each_choice_in_order():
+    out = RequestOutput(0, None, [1], "abc", [5, 6, 7], [-1.0, -2.0, -3.0], "length")
+    evs = [Event(0, "a", [5], [-1.0], time=1.0), Event(1, "x", [9], [-0.5], time=1.0),
+           Event(0, "b", [6], [-2.0], time=2.0), Event(0, "c", [7], [-3.0], "length", out, time=3.0)]
+    a, b = merge_events(evs)
+    assert (a.index, a.text, a.token_ids, a.logprobs, a.finish_reason, a.output, a.time) == \
+        (0, "abc", [5, 6, 7], [-1.0, -2.0, -3.0], "length", out, 3.0)
+    assert (b.index, b.text, b.token_ids) == (1, "x", [9])
+    assert evs[0].token_ids == [5]  # the events merged are not changed
+    single = Event(2, "z", [3], [-1.0])
+    assert merge_events([single]) == [single]
+
+
+@pytest.mark.parametrize("usage_", [None, {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}])
+def test_chunk_encoder_is_the_chunk_body_as_json(usage_):
+    choice = {"index": 0, "text": "h\u00e9 \"q\"\n", "logprobs": None, "finish_reason": None}
+    for obj, body in (("text_completion", completion_body), ("chat.completion.chunk", chat_body)):
+        line = ChunkEncoder("cmpl-1", "m\"odel", 17, obj)([choice], usage_)
+        assert line.startswith("data: ") and line.endswith("\n\n")
+        assert json.loads(line[6:]) == body("cmpl-1", "m\"odel", 17, [choice], usage_, chunk=True)
+
+
+def test_admission_window():
+    assert Admission(graphs=False).window == 0.0  # no CUDA graphs: a prompt step costs no more for being alone
+    auto = Admission(graphs=True, max_window=0.02)
+    assert auto.window == 0.0 and auto.due(0.0, busy=True)  # nothing measured yet
+    for t in (0.002, 0.003, 0.002):
+        auto.observe(False, t)
+    for t in (0.009, 0.008, 5.0):  # a compile-time outlier does not move the median
+        auto.observe(True, t)
+    assert auto.window == pytest.approx(0.009 - 0.002)
+    auto.first_held = 1.0
+    assert not auto.due(1.005, busy=True) and auto.due(1.008, busy=True) and auto.due(1.001, busy=False)
+    auto.observe(True, 1.0)
+    auto.observe(True, 1.0)
+    assert auto.window == 0.02  # capped
+    assert Admission(0.5, graphs=False).window == 0.5
+    assert auto.steps == {"prompt": [5, pytest.approx(7.017)], "decode": [3, pytest.approx(0.007)]}
+
+
+def _post_async(url: str, prompt: str, out: dict) -> threading.Thread:
+    def run():
+        out[prompt] = httpx.post(url + "/v1/completions", timeout=60,
+                                 json={"model": MINI, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                       "logprobs": 0}).json()
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_requests_arriving_during_decode_are_admitted_together(ref):
+    """With an admission window, requests that arrive one by one while another decodes are held,
+    then their prompts are computed in one step; with none, each arrival costs a prompt step of
+    its own. The answers are the same either way."""
+    prompts = ["late one", "late two", "late three"]
+    want = ref.generate(prompts, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    long = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
+            "logprobs": 0}
+    for window, prompt_steps in ((60.0, 2), (0.0, 4)):
+        llm = LLM(MINI, max_num_seqs=16)
+        app = create_app(llm.engine, MINI, admission_window=window)
+        loop, answers, threads = app.state.engine_loop, {}, []
+        with ServerThread(app) as srv, httpx.Client(timeout=60) as client:
+            with client.stream("POST", srv.url + "/v1/completions", json=long) as r:
+                lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+                next(lines)
+                for i, p in enumerate(prompts):
+                    threads.append(_post_async(srv.url, p, answers))
+                    if window:  # arrivals at different steps, all held while the long request decodes
+                        until(lambda: len(loop._held) == i + 1)
+                        for _ in range(3):
+                            next(lines)
+                    else:
+                        threads[-1].join()
+                if window:
+                    loop.admission.fixed = 0.0  # the window ends: all three go in at the next step
+                for t in threads:
+                    t.join()
+                assert len(llm.engine.scheduler.running) == 1  # the long one still decodes
+            assert loop.admission.steps["prompt"][0] == prompt_steps
+        for p, w in zip(prompts, want):
+            assert answers[p]["choices"][0]["logprobs"]["tokens"] == [token_str(ref.tokenizer, t) for t in w.token_ids]
+
+
+def test_held_request_is_admitted_when_the_window_ends(ref):
+    want = ref.generate(["short"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
+    llm = LLM(MINI, max_num_seqs=16)
+    app = create_app(llm.engine, MINI, admission_window=0.2)
+    engine = llm.engine
+    long = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
+            "logprobs": 0}
+    with ServerThread(app) as srv, httpx.Client(timeout=60) as client:
+        with client.stream("POST", srv.url + "/v1/completions", json=long) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)
+            t0 = time.monotonic()
+            got = httpx.post(srv.url + "/v1/completions", timeout=60,
+                             json={"model": MINI, "prompt": "short", "max_tokens": 4, "temperature": 0}).json()
+            assert time.monotonic() - t0 >= 0.2
+            assert len(engine.scheduler.running) == 1  # the long request is still decoding
+        assert got["choices"][0]["text"] == want.text
+
+
+def test_stream_behind_the_engine_gets_merged_chunks(mini, ref):
+    """When the event loop falls behind the engine, the tokens queued for a stream go out as one
+    chunk; text, tokens and log-probs are those of LLM.generate all the same."""
+    want = ref.generate(["merge me"], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=True),
+                        use_tqdm=False)[0]
+    body = {"model": MINI, "prompt": "merge me", "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+            "stream": True, "logprobs": 0}
+    with httpx.Client(timeout=60) as client, \
+            client.stream("POST", mini.url + "/v1/completions", headers=headers(), json=body) as r:
+        data = (line for line in r.iter_lines() if line.startswith("data: {"))
+        lines = [next(data)]
+        mini.loop._loop.call_soon_threadsafe(time.sleep, 0.5)  # stall the event loop; the engine goes on
+        lines += list(data)
+    chunks = [json.loads(line[6:])["choices"][0] for line in lines]
+    assert max(len(c["logprobs"]["tokens"]) for c in chunks) > 1
+    assert sum((c["logprobs"]["tokens"] for c in chunks), []) == [token_str(ref.tokenizer, t) for t in want.token_ids]
+    assert sum((c["logprobs"]["token_logprobs"] for c in chunks), []) == want.logprobs
+    assert "".join(c["text"] for c in chunks) == want.text
+    assert chunks[-1]["finish_reason"] == "length"
+    text = httpx.get(mini.url + "/metrics").text
+    assert 'exactllm_engine_steps_total{kind="decode"}' in text and "exactllm_admission_window_seconds 0" in text
 
 
 def test_sigterm_drains_in_flight_stream():

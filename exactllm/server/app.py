@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exactllm.engine.llm_engine import LLMEngine
-from exactllm.server.engine_loop import Draining, EngineLoop, Event, GenRequest, Overloaded
+from exactllm.server.engine_loop import Draining, EngineLoop, Event, GenRequest, Overloaded, merge_events
 from exactllm.server.metrics import ServerMetrics
-from exactllm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_body, chat_logprobs,
-                                      completion_body, completion_logprobs, new_id, now, usage)
+from exactllm.server.protocol import (APIError, ChatCompletionRequest, ChunkEncoder, CompletionRequest, chat_body,
+                                      chat_logprobs, completion_body, completion_logprobs, new_id, now, usage)
 
 log = logging.getLogger("exactllm.server")
 
@@ -56,14 +56,17 @@ class APIKeyMiddleware:
 
 
 def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
-               aliases: tuple[str, ...] = ()) -> FastAPI:
-    """max_queue: sequences admitted beyond the engine's max_num_seqs before new ones get 429."""
-    loop = EngineLoop(engine, engine.cfg.max_num_seqs + max_queue)
+               aliases: tuple[str, ...] = (), admission_window: float | None = None) -> FastAPI:
+    """max_queue: sequences admitted beyond the engine's max_num_seqs before new ones get 429.
+    admission_window: seconds new requests may wait to be added together while the engine
+    decodes (engine_loop.Admission; None: automatic)."""
+    loop = EngineLoop(engine, engine.cfg.max_num_seqs + max_queue, admission_window=admission_window)
     sched = engine.scheduler
     metrics = ServerMetrics(queue_depth=lambda: loop.in_flight, running=lambda: len(sched.running),
                             waiting=lambda: len(sched.waiting), kv_usage=engine.block_manager.usage,
                             prompt_tokens=lambda: engine.stats["prompt_tokens"],
-                            generation_tokens=lambda: engine.stats["generation_tokens"])
+                            generation_tokens=lambda: engine.stats["generation_tokens"],
+                            engine_steps=lambda: loop.admission.steps, admission_window=lambda: loop.admission.window)
     loop.on_events = lambda batch: _observe(metrics, batch)
     names = {model_name, *aliases}
     tok = engine.tokenizer
@@ -212,24 +215,25 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
             watcher.cancel()
             abort_all(gens)
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
     def sse_error(status: int, message: str) -> str:
-        return sse(APIError(status, message, type="server_error").body())
+        return f"data: {json.dumps(APIError(status, message, type='server_error').body(), ensure_ascii=False)}\n\n"
 
-    async def events(gens, queue, pending):
-        """Yield every event until all sequences finished; raises APIError on an engine error."""
-        left = len(gens)
-        for ev in pending:
-            yield ev
-            left -= ev.output is not None
+    async def batches(gens, queue, pending):
+        """Until every sequence finished, yield what is queued, merged per choice (merge_events):
+        the event loop then works per chunk, not per token. Raises APIError on an engine error."""
+        left, evs = len(gens), list(pending)
         while left:
-            ev = await queue.get()
-            if ev.error is not None:
-                raise APIError(*ev.error)
-            yield ev
-            left -= ev.output is not None
+            if not evs:
+                evs.append(await queue.get())
+            while not queue.empty():
+                evs.append(queue.get_nowait())
+            for ev in evs:
+                if ev.error is not None:
+                    raise APIError(*ev.error)
+            merged = merge_events(evs)
+            left -= sum(ev.output is not None for ev in merged)
+            evs = []
+            yield merged
 
     def streaming(chunks, gens, endpoint: str) -> StreamingResponse:
         async def body():
@@ -299,18 +303,22 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
             return completion_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
 
         async def chunks():
+            enc = ChunkEncoder(rid, body.model, t0, "text_completion")
             completion_tokens, offsets = 0, [0] * len(gens)
-            async for ev in events(gens, queue, pending):
-                completion_tokens += len(ev.token_ids)
-                if not (ev.text or ev.output is not None or (body.logprobs is not None and ev.token_ids)):
-                    continue
-                choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs_of(ev, offsets[ev.index]),
-                          "finish_reason": ev.finish_reason if ev.output is not None else None}
-                offsets[ev.index] += len(ev.text)
-                yield sse(completion_body(rid, body.model, t0, [choice], None, chunk=True))
-            if body.include_usage:
-                yield sse(completion_body(rid, body.model, t0, [], usage(prompt_tokens, completion_tokens), chunk=True))
-            yield "data: [DONE]\n\n"
+            async for batch in batches(gens, queue, pending):
+                out = []
+                for ev in batch:
+                    completion_tokens += len(ev.token_ids)
+                    if not (ev.text or ev.output is not None or (body.logprobs is not None and ev.token_ids)):
+                        continue
+                    choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs_of(ev, offsets[ev.index]),
+                              "finish_reason": ev.finish_reason if ev.output is not None else None}
+                    offsets[ev.index] += len(ev.text)
+                    out.append(enc([choice]))
+                if out:
+                    yield "".join(out)
+            tail = enc([], usage(prompt_tokens, completion_tokens)) if body.include_usage else ""
+            yield tail + "data: [DONE]\n\n"
 
         return streaming(chunks(), gens, endpoint)
 
@@ -346,23 +354,25 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
             return chat_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
 
         async def chunks():
+            enc = ChunkEncoder(rid, body.model, t0, "chat.completion.chunk")
             completion_tokens = 0
-            for i in range(len(gens)):
-                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}
-                yield sse(chat_body(rid, body.model, t0, [first], None, chunk=True))
-            async for ev in events(gens, queue, pending):
-                completion_tokens += len(ev.token_ids)
-                if ev.text or (want_lp and ev.token_ids):
-                    lp = chat_logprobs([token_str(t) for t in ev.token_ids], ev.logprobs, top) if want_lp else None
-                    choice = {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
-                    yield sse(chat_body(rid, body.model, t0, [choice], None, chunk=True))
-                if ev.output is not None:
-                    choice = {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
-                    yield sse(chat_body(rid, body.model, t0, [choice], None, chunk=True))
-            if body.include_usage:
-                yield sse(chat_body(rid, body.model, t0, [], usage(prompt_tokens, completion_tokens), chunk=True))
-            yield "data: [DONE]\n\n"
+            yield "".join(enc([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]) for i in range(len(gens)))
+            async for batch in batches(gens, queue, pending):
+                out = []
+                for ev in batch:
+                    completion_tokens += len(ev.token_ids)
+                    if ev.text or (want_lp and ev.token_ids):
+                        lp = chat_logprobs([token_str(t) for t in ev.token_ids], ev.logprobs, top) if want_lp else None
+                        out.append(enc([{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
+                                         "finish_reason": None}]))
+                    if ev.output is not None:
+                        out.append(enc([{"index": ev.index, "delta": {}, "logprobs": None,
+                                         "finish_reason": ev.finish_reason}]))
+                if out:
+                    yield "".join(out)
+            tail = enc([], usage(prompt_tokens, completion_tokens)) if body.include_usage else ""
+            yield tail + "data: [DONE]\n\n"
 
         return streaming(chunks(), gens, endpoint)
 

@@ -26,11 +26,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine batches at once")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences admitted beyond --max-num-seqs before new requests get 429")
+    p.add_argument("--admission-window-ms", type=float, default=None,
+                   help="while the engine decodes, new requests wait up to this long to be added together "
+                        "(default: automatic, the measured cost of an eager prompt step on CUDA, 0 on CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
+    p.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="Python's thread switch interval (sys.setswitchinterval); small, so that the engine "
+                        "thread gets the interpreter back quickly from the HTTP event loop")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -53,6 +59,10 @@ def cmd_serve(args) -> int:
             raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, on_term)
+    # The engine thread gives up the GIL around every torch call (each kernel launch, each GPU
+    # wait) and must get it back from the event loop; at the default 5 ms a busy event loop holds
+    # it long enough to leave the GPU idle between steps.
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, numerics=args.numerics,
               tensor_parallel_size=args.tp,
@@ -60,7 +70,9 @@ def cmd_serve(args) -> int:
               num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
     name = args.served_model_name or served_model_name(args.model)
     aliases = (args.model,) if args.model and args.model != name else ()
-    app = create_app(llm.engine, name, api_key=args.api_key, max_queue=args.max_queue, aliases=aliases)
+    window = None if args.admission_window_ms is None else args.admission_window_ms / 1e3
+    app = create_app(llm.engine, name, api_key=args.api_key, max_queue=args.max_queue, aliases=aliases,
+                     admission_window=window)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
     print(f"exactllm: serving '{name}' on http://{args.host}:{args.port}/v1"

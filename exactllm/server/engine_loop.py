@@ -7,15 +7,19 @@ event loop in one ``call_soon_threadsafe`` call. Each HTTP call owns an ``asynci
 that receives the events of all its sequences (``n`` choices, several prompts).
 
 Admission is bounded: at most ``max_in_flight`` sequences may be admitted and unfinished;
-beyond that the front end refuses with 429, so memory does not grow with offered load.
+beyond that the front end refuses with 429, so memory does not grow with offered load. Requests
+that arrive while the engine is decoding are added in groups (see Admission), so that their
+prompts share one step instead of each costing the running streams an eager step.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
+import statistics
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,6 +53,22 @@ class Event:
     time: float = 0.0                   # perf_counter when the engine produced it
 
 
+def merge_events(events: list[Event]) -> list[Event]:
+    """Join the events of each choice into one, in order of first appearance: text, token ids
+    and log-probs concatenated, the last event's finish, output and time kept. Streaming sends
+    what is queued as one chunk per choice, so when the client or the event loop falls behind
+    the engine it gets fewer, larger chunks instead of a growing backlog of one-token ones."""
+    merged: dict[int, Event] = {}
+    for ev in events:
+        m = merged.get(ev.index)
+        if m is None:
+            merged[ev.index] = ev
+            continue
+        merged[ev.index] = Event(ev.index, m.text + ev.text, m.token_ids + ev.token_ids, m.logprobs + ev.logprobs,
+                                 ev.finish_reason, ev.output, time=ev.time)
+    return list(merged.values())
+
+
 @dataclass
 class GenRequest:
     """One sequence to generate, as the server tracks it across both threads."""
@@ -72,9 +92,56 @@ class GenRequest:
     last_token_time: float | None = None
 
 
+class Admission:
+    """When requests that arrive while the engine is busy join the batch.
+
+    A step that computes prompts cannot replay a CUDA graph of pure decode: it runs eagerly for
+    every running sequence, and on a GPU costs several decode steps (launch-bound, nearly
+    whatever the number of prompt tokens). Requests arriving one by one would each force such
+    a step on every stream. So while sequences are decoding, new ones are held until the first
+    has waited ``window`` seconds, then added together: a request waits at most about what one
+    more eager step would cost all the others. An idle engine takes requests at once.
+
+    window None (auto): the measured extra cost of a step that computes prompts over a decode
+    step (medians of recent steps), at most max_window; 0 when the runner has no CUDA graphs
+    (a prompt then costs its compute, alone or batched). A number: that fixed window.
+    """
+
+    RECENT = 16
+
+    def __init__(self, window: float | None = None, graphs: bool = False, max_window: float = 0.02):
+        self.fixed, self.graphs, self.max_window = window, graphs, max_window
+        self.first_held = 0.0  # perf_counter when the oldest held request arrived
+        self._times: dict[bool, deque] = {True: deque(maxlen=self.RECENT), False: deque(maxlen=self.RECENT)}
+        self.steps = {"prompt": [0, 0.0], "decode": [0, 0.0]}  # kind -> [steps, seconds] (for /metrics)
+
+    def observe(self, mixed: bool, seconds: float) -> None:
+        """One step's duration; mixed: it computed prompt tokens."""
+        self._times[mixed].append(seconds)
+        total = self.steps["prompt" if mixed else "decode"]
+        total[0] += 1
+        total[1] += seconds
+
+    @property
+    def window(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        mixed, decode = self._times[True], self._times[False]
+        if not (self.graphs and mixed and decode):
+            return 0.0
+        return min(self.max_window, max(0.0, statistics.median(mixed) - statistics.median(decode)))
+
+    def due(self, now: float, busy: bool) -> bool:
+        return not busy or now - self.first_held >= self.window
+
+
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_in_flight: int, on_events: Callable[[list], None] | None = None):
+    def __init__(self, engine: LLMEngine, max_in_flight: int, on_events: Callable[[list], None] | None = None,
+                 admission_window: float | None = None):
+        """admission_window: see Admission (None: automatic)."""
         self.engine = engine
+        self.admission = Admission(admission_window, graphs=getattr(engine.runner, "graphs", None) is not None)
+        self._held: list[GenRequest] = []  # arrived, not yet added to the engine (engine thread only)
         self.max_in_flight = max_in_flight
         self.in_flight = 0          # admitted, unfinished sequences (event-loop thread only)
         self.draining = False
@@ -142,11 +209,13 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while True:
-                busy = self.engine.has_work()
-                if not self._apply_commands(block=not busy):
+                if not self._apply_commands(block=not (self.engine.has_work() or self._held)):
                     return
+                self._admit(time.perf_counter())
                 if not self.engine.has_work():
                     continue
+                mixed = bool(self.engine.scheduler.waiting)  # some prompt is computed this step
+                t0 = time.perf_counter()
                 try:
                     seqs = self.engine.step()
                 except Exception as exc:  # a bug or a device fault: fail what is running, keep serving
@@ -154,6 +223,7 @@ class EngineLoop:
                     self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
                     continue
                 now = time.perf_counter()
+                self.admission.observe(mixed, now - t0)
                 self._post([(self._active[s.seq_id], self._progress(self._active[s.seq_id], now))
                             for s in seqs if s.seq_id in self._active])
                 for s in seqs:
@@ -166,7 +236,6 @@ class EngineLoop:
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued commands; when idle, wait for one. False when told to stop."""
-        batch = []
         while True:
             try:
                 kind, req = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
@@ -176,23 +245,32 @@ class EngineLoop:
             if kind == "stop":
                 for r in list(self._active.values()):
                     self.engine.abort(r.seq)
-                self._post(batch)
                 return False
             if kind == "add":
-                ev = self._add(req)
-                if ev is not None:
-                    batch.append((req, ev))
+                self._hold(req)
             elif kind == "abort":
                 req.cancelled = True
                 if req.seq is not None and not req.seq.finished:
                     self.engine.abort(req.seq)
                     self._active.pop(req.seq.seq_id, None)
-        self._post(batch)
         return True
 
-    def _add(self, req: GenRequest) -> Event | None:
-        if req.cancelled:
-            return None
+    def _hold(self, req: GenRequest) -> None:
+        if not req.cancelled:
+            if not self._held:
+                self.admission.first_held = time.perf_counter()
+            self._held.append(req)
+
+    def _admit(self, now: float) -> None:
+        """Add the held requests to the engine, so that their prompts are computed in one step,
+        once the admission policy says so; each gets "accepted" (or its error) then."""
+        if not self._held or not self.admission.due(now, self.engine.has_work()):
+            return
+        batch = [(req, self._add(req)) for req in self._held if not req.cancelled]
+        self._held.clear()
+        self._post(batch)
+
+    def _add(self, req: GenRequest) -> Event:
         try:
             ids = self.engine.encode(req.prompt)
             limit = self.engine.max_model_len

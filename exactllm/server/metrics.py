@@ -85,7 +85,10 @@ class ServerMetrics:
 
     def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float],
                  waiting: Callable[[], float], kv_usage: Callable[[], float],
-                 prompt_tokens: Callable[[], float], generation_tokens: Callable[[], float]):
+                 prompt_tokens: Callable[[], float], generation_tokens: Callable[[], float],
+                 engine_steps: Callable[[], dict[str, list]] = dict, admission_window: Callable[[], float] = float):
+        """engine_steps: {kind: [steps, seconds]} (kinds "prompt": a step that computed prompt
+        tokens, "decode": one that did not); admission_window: seconds (engine_loop.Admission)."""
         self.requests = Counter("exactllm_requests_total",
                                 "HTTP generation requests by endpoint and outcome "
                                 "(ok, rejected, invalid, aborted, error)")
@@ -103,6 +106,12 @@ class ServerMetrics:
             Gauge("exactllm_num_requests_running", "Sequences the engine scheduler is running", running),
             Gauge("exactllm_num_requests_waiting", "Sequences waiting in the engine scheduler", waiting),
             Gauge("exactllm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", kv_usage),
+            _LabeledCounterFn("exactllm_engine_steps_total", "Engine steps by kind (prompt: computed prompt tokens)",
+                              "kind", lambda: {k: v[0] for k, v in engine_steps().items()}),
+            _LabeledCounterFn("exactllm_engine_step_seconds_total", "Seconds spent in engine steps, by kind",
+                              "kind", lambda: {k: v[1] for k, v in engine_steps().items()}),
+            Gauge("exactllm_admission_window_seconds",
+                  "How long requests arriving during decode may wait to be added together", admission_window),
             self.ttft, self.itl, self.e2e,
         ]
 
@@ -115,3 +124,14 @@ class _CounterFn(Gauge):
 
     def render(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {_num(self.fn())}"]
+
+
+class _LabeledCounterFn:
+    """Counters, one per label value, read when scraped from a callable {value: count}."""
+
+    def __init__(self, name: str, help: str, label: str, fn: Callable[[], dict]):
+        self.name, self.help, self.label, self.fn = name, help, label, fn
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter",
+                *(f"{self.name}{_labels({self.label: k})} {_num(v)}" for k, v in sorted(self.fn().items()))]

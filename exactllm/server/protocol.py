@@ -5,6 +5,7 @@ OpenAI API tolerates them; fields with a wrong type or out-of-range value are a 
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -164,6 +165,20 @@ def chat_body(rid: str, model: str, created: int, choices: list[dict], usage_: d
     if usage_ is not None or not chunk:
         body["usage"] = usage_
     return body
+
+
+class ChunkEncoder:
+    """The SSE lines of one streamed response: ``enc(choices, usage)`` is
+    ``data: <completion_body/chat_body(..., chunk=True) as JSON>``. The fields every chunk
+    shares are serialized once, the per-token part with compact separators."""
+
+    def __init__(self, rid: str, model: str, created: int, object_: str):
+        d = json.dumps
+        self._head = f'data: {{"id":{d(rid)},"object":{d(object_)},"created":{created},"model":{d(model)},"choices":'
+
+    def __call__(self, choices: list[dict], usage_: dict | None = None) -> str:
+        tail = "" if usage_ is None else ',"usage":' + json.dumps(usage_, ensure_ascii=False, separators=(",", ":"))
+        return f"{self._head}{json.dumps(choices, ensure_ascii=False, separators=(',', ':'))}{tail}}}\n\n"
 
 
 def now() -> int:
