@@ -67,7 +67,7 @@ class _NoReplay:
 
 @contextlib.contextmanager
 def _no_pin():
-    """DecodeGraphs asks for pinned host buffers, which a CPU-only torch cannot give."""
+    """DecodeGraphs before this bench asked for pinned host buffers, which a CPU-only torch cannot give."""
     zeros = torch.zeros
     torch.zeros = lambda *a, pin_memory=False, **k: zeros(*a, **k)
     try:
@@ -78,8 +78,9 @@ def _no_pin():
 
 def host_graphs(runner) -> DecodeGraphs:
     """A DecodeGraphs on CPU whose input fill is real and whose 'graphs' return fixed outputs."""
+    tables = (runner.tables,) if hasattr(runner, "tables") else ()  # the runner's BlockTables (absent before)
     with _no_pin():
-        graphs = DecodeGraphs(runner.model, runner.kv_caches, torch.device("cpu"), runner.block_size)
+        graphs = DecodeGraphs(runner.model, runner.kv_caches, torch.device("cpu"), runner.block_size, *tables)
 
     def capture(b: int) -> None:
         logits = runner.model.logits(torch.zeros(b, 1))
@@ -243,7 +244,7 @@ def plot(rows: list[dict], base: list[dict] | None, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,64,256,512", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--batches", default="1,64,256,512", type=lambda s: [int(x) for x in s.split(",") if x])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)

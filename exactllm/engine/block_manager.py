@@ -40,10 +40,14 @@ class BlockManager:
         self.ref_count[block] = 1
         return block
 
-    def _chain_hashes(self, token_ids: list[int], n_blocks: int) -> list[int]:
-        hashes, h = [], 0
-        for i in range(n_blocks):
-            h = hash((h, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
+    def block_hashes(self, seq: Sequence, n_blocks: int) -> list[int]:
+        """The chain hashes of seq's first n_blocks full blocks: hash((previous, block's tokens)).
+        Cached on the sequence and extended as it grows (a full block's tokens never change), so a
+        step hashes only blocks that just filled up; the list returned may be longer than n_blocks."""
+        hashes, bs = seq.block_hashes, self.block_size
+        h = hashes[-1] if hashes else 0
+        for i in range(len(hashes), n_blocks):
+            h = hash((h, tuple(seq.tokens(i * bs, (i + 1) * bs))))
             hashes.append(h)
         return hashes
 
@@ -54,7 +58,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         n_full = (seq.num_tokens - 1) // self.block_size
-        for h in self._chain_hashes(seq.token_ids, n_full):
+        for h in self.block_hashes(seq, n_full)[:n_full]:
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -72,13 +76,27 @@ class BlockManager:
             seq.block_table.append(self._take_free())
 
     def commit_full_blocks(self, seq: Sequence) -> None:
-        """Register hashes of seq's blocks that are now completely computed."""
+        """Register the hashes of seq's blocks that are now completely computed.
+
+        A block is offered once, when it fills up; one that cannot be registered because another
+        block already holds its hash is offered again on every later call (that other block may
+        have been handed out since), in block order: the same outcome as offering every full
+        block on every call, at the cost of the new ones only."""
         if not self.enable_prefix_caching:
             return
         n_full = seq.num_computed // self.block_size
-        for i, h in enumerate(self._chain_hashes(seq.token_ids, n_full)):
-            block = seq.block_table[i]
-            if self.block_hash[block] is None and h not in self.hash_to_block:
+        if n_full <= seq.num_checked_blocks and not seq.unregistered_blocks:
+            return
+        hashes = self.block_hashes(seq, n_full)
+        offered = seq.unregistered_blocks + list(range(seq.num_checked_blocks, n_full))
+        seq.unregistered_blocks, seq.num_checked_blocks = [], max(n_full, seq.num_checked_blocks)
+        for i in offered:
+            block, h = seq.block_table[i], hashes[i]
+            if self.block_hash[block] is not None:
+                continue
+            if h in self.hash_to_block:
+                seq.unregistered_blocks.append(i)
+            else:
                 self.block_hash[block] = h
                 self.hash_to_block[h] = block
 
@@ -88,4 +106,5 @@ class BlockManager:
             if self.ref_count[block] == 0:
                 self.free[block] = None
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_checked_blocks = 0
+        seq.unregistered_blocks = []

@@ -9,12 +9,15 @@ log-prob, ``Ops.greedy_pick``), so an all-greedy step costs the host one small c
 
 Inputs go through one pinned host buffer and two copies: ids, positions, context lengths and
 slots as int32 [4, B_max], and the block tables [B_max, max_blocks]. Only the first w columns
-of the tables are written each step; stale columns beyond a sequence's context are never read
-(attention masks its page lookups to the context). Graphs are captured lazily, the first time a
+of the tables are written each step (w: the widest table; narrower rows are zero-padded), and
+they come from the runner's ``BlockTables``, which writes only what changed since the last
+step; columns beyond w are stale and never read (attention masks its page lookups to the
+context). The fill is array ops over the batch, no per-sequence element writes. Graphs are captured lazily, the first time a
 bucket is needed, after one eager warm-up pass (Triton compilation and GEMV tuning happen there).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from exactllm.layers.attention import AttnBatch
@@ -23,14 +26,17 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches: list, device: torch.device, block_size: int, buckets=BUCKETS):
+    def __init__(self, model, kv_caches: list, device: torch.device, block_size: int, tables, buckets=BUCKETS):
+        """tables: the runner's BlockTables (model_runner.py)."""
         self.model, self.kv_caches, self.device, self.block_size = model, kv_caches, device, block_size
+        self.block_tables = tables
         self.buckets = tuple(sorted(buckets))
         self.max_batch = self.buckets[-1]
         self.max_blocks = -(-model.cfg.max_context // block_size)
         i32 = torch.int32
-        self.host = torch.zeros(4, self.max_batch, dtype=i32, pin_memory=True)
-        self.host_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, pin_memory=True)
+        pin = device.type == "cuda"
+        self.host = torch.zeros(4, self.max_batch, dtype=i32, pin_memory=pin)
+        self.host_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, pin_memory=pin)
         self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
         self.dev = torch.zeros(4, self.max_batch, dtype=i32, device=device)
         self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, device=device)
@@ -46,21 +52,18 @@ class DecodeGraphs:
 
     def _fill(self, chunks, bucket: int) -> None:
         n = len(chunks)
-        h, tables = self.host_np, self.host_tables_np
+        h = self.host_np
         h[:, n:bucket] = 0
         h[3, n:bucket] = -1  # padding rows: no KV slot
-        width = 0
+        pos = np.fromiter((ch.start for ch in chunks), np.int32, n)
+        h[0, :n] = np.fromiter((ch.seq.last_token for ch in chunks), np.int32, n)  # decode: p is the last token
+        h[1, :n] = pos
+        h[2, :n] = pos + 1
+        tables = self.block_tables.gather([ch.seq for ch in chunks])
+        width = tables.shape[1]
+        self.host_tables_np[:n, :width] = tables
         bs = self.block_size
-        for i, ch in enumerate(chunks):
-            seq, p = ch.seq, ch.start
-            n_prompt = len(seq.prompt_token_ids)
-            table = seq.block_table
-            h[0, i] = seq.prompt_token_ids[p] if p < n_prompt else seq.output_token_ids[p - n_prompt]
-            h[1, i] = p
-            h[3, i] = table[p // bs] * bs + p % bs
-            tables[i, :len(table)] = table
-            width = max(width, len(table))
-        h[2, :n] = h[1, :n] + 1
+        h[3, :n] = tables[np.arange(n), pos // bs] * bs + pos % bs
         self.dev.copy_(self.host, non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
 

@@ -1,9 +1,11 @@
 """Turns a scheduled step into tensors, runs the model, and returns next tokens with log-probs."""
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from exactllm.engine.sampler import select
@@ -52,25 +54,70 @@ def _vision_inputs(chunks: list[ScheduledChunk]):
     return torch.tensor(mods, dtype=torch.int8), (torch.cat(rows) if rows else None)
 
 
-def build_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
-    ids, pos, slots, cu, ctx, logit_rows = [], [], [], [0], [], []
-    for ch in chunks:
-        seq = ch.seq
-        ids.extend(seq.token_ids[ch.start:ch.start + ch.length])
-        for p in range(ch.start, ch.start + ch.length):
-            pos.append(p)
-            slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
-        cu.append(cu[-1] + ch.length)
-        ctx.append(ch.start + ch.length)
-        if ch.completes:
-            logit_rows.append(cu[-1] - 1)
-    width = max(len(ch.seq.block_table) for ch in chunks)
-    tables = [ch.seq.block_table + [0] * (width - len(ch.seq.block_table)) for ch in chunks]
-    i32 = torch.int32
-    return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
-                      AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32),
-                                torch.tensor(tables, dtype=i32), torch.tensor(slots, dtype=torch.long)),
-                      torch.tensor(logit_rows, dtype=torch.long), *_vision_inputs(chunks))
+class BlockTables:
+    """The block tables of a step's sequences as one zero-padded int32 array [n, widest table].
+
+    Each sequence keeps a row of a staging array, and a step writes only the entries appended
+    since that row was last written, then gathers the step's rows in one copy. This relies on
+    how BlockManager treats tables: it only appends to a sequence's list, and gives a sequence
+    a new list when it frees its blocks; so the list object and its length say what the row
+    already holds. Rows of finished sequences are dropped wholesale when the staging fills up.
+    """
+
+    def __init__(self):
+        self.staging = np.zeros((0, 0), np.int32)  # zero beyond each row's written entries
+        self.rows: dict = {}  # id(Sequence) -> [row, the block_table list written, entries written]
+
+    def _reset(self, rows: int, cols: int) -> None:
+        rows, cols = max(rows, self.staging.shape[0]), max(cols, self.staging.shape[1])
+        self.staging = np.zeros((rows, cols), np.int32)
+        self.rows.clear()
+
+    def gather(self, seqs: list) -> np.ndarray:
+        width = max(len(seq.block_table) for seq in seqs)
+        if width > self.staging.shape[1]:
+            self._reset(0, max(2 * width, 16))
+        if len(self.rows) + len(seqs) > self.staging.shape[0]:
+            self._reset(2 * len(seqs) + 64, 0)
+        staging, rows = self.staging, self.rows
+        index = np.empty(len(seqs), np.intp)
+        for i, seq in enumerate(seqs):
+            table = seq.block_table
+            entry = rows.get(id(seq))  # a new sequence under a dead one's id has another list
+            if entry is None:
+                entry = rows[id(seq)] = [len(rows), None, 0]
+            row, written, k = entry
+            n = len(table)
+            if written is not table:  # a new list: rewrite the row
+                staging[row, :n] = table
+                if k > n:
+                    staging[row, n:k] = 0
+                entry[1] = table
+            elif n > k:
+                staging[row, k:n] = table[k:]
+            entry[2] = n
+            index[i] = row
+        return staging[index, :width]
+
+
+def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTables | None = None) -> StepInputs:
+    """The step's input tensors, built with array ops over per-chunk starts and lengths (no
+    per-token Python). tables: the runner's BlockTables (kept across steps); None builds afresh."""
+    n = len(chunks)
+    starts = np.fromiter((ch.start for ch in chunks), np.int64, n)
+    lengths = np.fromiter((ch.length for ch in chunks), np.int64, n)
+    cu = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    ids = list(itertools.chain.from_iterable(ch.seq.tokens(ch.start, ch.start + ch.length) for ch in chunks))
+    row = np.repeat(np.arange(n), lengths)
+    pos = np.arange(cu[-1]) - np.repeat(cu[:-1] - starts, lengths)
+    table = (tables or BlockTables()).gather([ch.seq for ch in chunks])
+    slots = table[row, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    completes = np.fromiter((ch.completes for ch in chunks), bool, n)
+    t = torch.from_numpy
+    return StepInputs(torch.tensor(ids, dtype=torch.long), t(pos),
+                      AttnBatch(t(cu.astype(np.int32)), t((starts + lengths).astype(np.int32)), t(table), t(slots)),
+                      t(cu[1:][completes] - 1), *_vision_inputs(chunks))
 
 
 class ModelRunner:
@@ -80,12 +127,13 @@ class ModelRunner:
     def __init__(self, model, kv_caches: list, device, block_size: int, cuda_graphs: bool | None = None):
         self.model, self.kv_caches = model, kv_caches
         self.device, self.block_size = torch.device(device), block_size
+        self.tables = BlockTables()
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EXACTLLM_CUDA_GRAPHS", "1") != "0"
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True):
             from exactllm.engine.cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(model, kv_caches, self.device, block_size)
+            self.graphs = DecodeGraphs(model, kv_caches, self.device, block_size, self.tables)
 
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
@@ -100,7 +148,7 @@ class ModelRunner:
         if forward is None and self.graphs is not None and self.graphs.accepts(chunks):
             logits, picks = self.graphs.run(chunks)  # greedy picks computed inside the graph
         else:
-            inputs = build_inputs(chunks, self.block_size)
+            inputs = build_inputs(chunks, self.block_size, self.tables)
             logits = (forward or self.forward_logits)(inputs)
             picks = None
         done = [ch.seq for ch in chunks if ch.completes]

@@ -15,7 +15,7 @@ from exactllm.engine.block_manager import BlockManager
 from exactllm.engine.sequence import Sequence, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
     start: int   # first token index computed this step
@@ -32,7 +32,7 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()
+        self.running: dict[Sequence, None] = {}  # an ordered set: admission order, O(1) removal
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -42,26 +42,31 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq]
         self.blocks.free_seq(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _last_running(self) -> Sequence:
+        return next(reversed(self.running))
+
     def schedule(self) -> list[ScheduledChunk]:
-        budget, chunks = self.max_tokens, []
+        budget, chunks, bs = self.max_tokens, [], self.blocks.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted below to make room for an earlier sequence
+            if seq.status is not Status.RUNNING:  # preempted below to make room for an earlier sequence
                 continue
             n = min(seq.num_uncomputed, budget)
-            while not self.blocks.can_grow(seq, seq.num_computed + n) and self.running[-1] is not seq:
-                self.preempt(self.running[-1])
-            if not self.blocks.can_grow(seq, seq.num_computed + n):
-                self.preempt(seq)
-                continue
-            self.blocks.grow(seq, seq.num_computed + n)
+            end = seq.num_computed + n
+            if end > len(seq.block_table) * bs:  # needs new blocks (else nothing to check or take)
+                while not self.blocks.can_grow(seq, end) and self._last_running() is not seq:
+                    self.preempt(self._last_running())
+                if not self.blocks.can_grow(seq, end):
+                    self.preempt(seq)
+                    continue
+                self.blocks.grow(seq, end)
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -74,15 +79,15 @@ class Scheduler:
             self.blocks.grow(seq, seq.num_computed + n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            self.running[seq] = None
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         return chunks
 
     def finish(self, seq: Sequence) -> None:
-        seq.status = Status.FINISHED
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
+        if seq.status is Status.RUNNING:
+            del self.running[seq]
+        elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        seq.status = Status.FINISHED
         self.blocks.free_seq(seq)

@@ -29,6 +29,23 @@ class Sequence:
     text: str = ""                 # detokenized output, stop strings applied
     modality_ids: list[int] | None = None
     vision_embeds: object = None   # tensor [vision tokens, hidden]: their embeddings, in order
+    # Block manager's prefix-cache bookkeeping (see BlockManager.commit_full_blocks):
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of the first full blocks
+    num_checked_blocks: int = 0    # blocks of block_table already offered to the prefix cache
+    unregistered_blocks: list[int] = field(default_factory=list)  # of those, ones to offer again
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] (0 <= start <= end), without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property
     def token_ids(self) -> list[int]:
