@@ -215,6 +215,8 @@ def main() -> None:
     model = served_model_name(args.model)
     # Load-generator processes, started before this process touches CUDA.
     pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
+    for f in [pool.submit(time.sleep, 1.0) for _ in range(args.client_procs)]:  # start every worker now
+        f.result()
     client_only = {}
     if args.client_check:
         client_only = check_client(pool, args, work)

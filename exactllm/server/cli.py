@@ -34,9 +34,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
-    p.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="Python's thread switch interval (sys.setswitchinterval); small, so that the engine "
-                        "thread gets the interpreter back quickly from the HTTP event loop")
+    p.add_argument("--switch-interval-ms", type=float, default=0.05,
+                   help="Python's thread switch interval (sys.setswitchinterval): how long the engine thread "
+                        "may wait for the interpreter while the HTTP event loop is busy")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -59,9 +59,10 @@ def cmd_serve(args) -> int:
             raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, on_term)
-    # The engine thread gives up the GIL around every torch call (each kernel launch, each GPU
-    # wait) and must get it back from the event loop; at the default 5 ms a busy event loop holds
-    # it long enough to leave the GPU idle between steps.
+    # The engine thread gives up the GIL around every torch call and kernel launch (hundreds in an
+    # eager prompt step) and must win it back from the event loop each time; while the loop is
+    # busy, each time costs up to the switch interval: at 0.5 ms an H100 prompt step under 64
+    # streams took ~290 ms instead of ~25 (bench/server_load.py, 2026-11-23).
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, numerics=args.numerics,
