@@ -38,6 +38,7 @@ class DecodeGraphs:
         self.host = torch.zeros(4, self.max_batch, dtype=i32, pin_memory=pin)
         self.host_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, pin_memory=pin)
         self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
+        self.rows = np.arange(self.max_batch)
         self.dev = torch.zeros(4, self.max_batch, dtype=i32, device=device)
         self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, device=device)
         self.cu = torch.arange(self.max_batch + 1, dtype=i32, device=device)
@@ -53,8 +54,9 @@ class DecodeGraphs:
     def _fill(self, chunks, bucket: int) -> None:
         n = len(chunks)
         h = self.host_np
-        h[:, n:bucket] = 0
-        h[3, n:bucket] = -1  # padding rows: no KV slot
+        if bucket > n:
+            h[:, n:bucket] = 0
+            h[3, n:bucket] = -1  # padding rows: no KV slot
         pos = np.fromiter((ch.start for ch in chunks), np.int32, n)
         h[0, :n] = np.fromiter((ch.seq.last_token for ch in chunks), np.int32, n)  # decode: p is the last token
         h[1, :n] = pos
@@ -63,7 +65,7 @@ class DecodeGraphs:
         width = tables.shape[1]
         self.host_tables_np[:n, :width] = tables
         bs = self.block_size
-        h[3, :n] = tables[np.arange(n), pos // bs] * bs + pos % bs
+        h[3, :n] = tables[self.rows[:n], pos // bs] * bs + pos % bs
         self.dev.copy_(self.host, non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
 

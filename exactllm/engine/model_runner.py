@@ -74,15 +74,14 @@ class BlockTables:
         self.rows.clear()
 
     def gather(self, seqs: list) -> np.ndarray:
-        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table for seq in seqs]
+        width = max(map(len, tables))
         if width > self.staging.shape[1]:
             self._reset(0, max(2 * width, 16))
         if len(self.rows) + len(seqs) > self.staging.shape[0]:
             self._reset(2 * len(seqs) + 64, 0)
-        staging, rows = self.staging, self.rows
-        index = np.empty(len(seqs), np.intp)
-        for i, seq in enumerate(seqs):
-            table = seq.block_table
+        staging, rows, index = self.staging, self.rows, []
+        for seq, table in zip(seqs, tables):
             entry = rows.get(id(seq))  # a new sequence under a dead one's id has another list
             if entry is None:
                 entry = rows[id(seq)] = [len(rows), None, 0]
@@ -92,11 +91,11 @@ class BlockTables:
                 staging[row, :n] = table
                 if k > n:
                     staging[row, n:k] = 0
-                entry[1] = table
+                entry[1], entry[2] = table, n
             elif n > k:
                 staging[row, k:n] = table[k:]
-            entry[2] = n
-            index[i] = row
+                entry[2] = n
+            index.append(row)
         return staging[index, :width]
 
 

@@ -9,7 +9,7 @@ head of the waiting queue, to be recomputed later (nothing is lost or truncated)
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from exactllm.engine.block_manager import BlockManager
 from exactllm.engine.sequence import Sequence, Status
@@ -20,11 +20,12 @@ class ScheduledChunk:
     seq: Sequence
     start: int   # first token index computed this step
     length: int  # tokens computed this step
+    # True when this chunk reaches the sequence's last token, so it yields a next token (set
+    # when the chunk is made: the step that runs it appends that token afterwards)
+    completes: bool = field(init=False)
 
-    @property
-    def completes(self) -> bool:
-        """True when this chunk reaches the sequence's last token, so it yields a next token."""
-        return self.start + self.length == self.seq.num_tokens
+    def __post_init__(self):
+        self.completes = self.start + self.length == self.seq.num_tokens
 
 
 class Scheduler:

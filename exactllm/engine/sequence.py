@@ -57,7 +57,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed
 
     @property
     def finished(self) -> bool:
