@@ -184,3 +184,18 @@ def test_fast_decode_attention_combines_in_kernel(dtype):
     assert torch.equal(out[2], torch.zeros_like(out[2])), "padding row"
     again = attention_triton.paged_attention(*args, tiles=(16, 16, 4))
     assert torch.equal(again, out), f"seed {seed}"
+
+
+def test_fast_mode_split_sizes_are_few():
+    """SPLIT is a compile-time constant of the attention kernel: fast-mode decode takes powers of
+    two and prefill one constant, so new context lengths or batch sizes do not compile new kernels
+    (the server's mixed steps did); each split still covers its share of the longest context."""
+    from exactllm.kernels.attention_triton import _fast_decode_split
+    seen = set()
+    for n_seqs in range(1, 300, 7):
+        for max_ctx in range(16, 4097, 48):
+            split = _fast_decode_split(n_seqs, 4, max_ctx, 64)
+            want = max(1, -(-264 // (n_seqs * 4)))
+            assert split >= 64 and split & (split - 1) == 0 and split * want >= max_ctx
+            seen.add(split)
+    assert len(seen) <= 7, seen

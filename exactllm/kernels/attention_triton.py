@@ -228,12 +228,17 @@ def _combine_kernel(ws_ptr, ml_ptr, o_ptr, cu_q_ptr, ctx_ptr, n_seqs, n_iter, T,
     tl.store(o_ptrs, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
+# Fast-mode prefill reads each sequence's whole context in one program: its SPLIT is this one
+# constant rather than the batch's longest context, so a new context length never compiles a new
+# kernel (SPLIT is a compile-time constant; the server's mixed steps kept hitting new values).
+UNSPLIT = 1 << 30
+
+
 def _fast_decode_split(n_seqs: int, n_kv: int, max_ctx: int, block_n: int) -> int:
-    """Split size (tokens) giving at least ~2 programs per SM of an H100 at long contexts."""
+    """Split size (tokens) giving at least ~2 programs per SM of an H100 at long contexts; a power
+    of two (>= block_n, itself one), so only a handful of values ever need compiling."""
     want = max(1, -(-264 // max(1, n_seqs * n_kv)))
-    split = -(-max_ctx // want)
-    split = -(-split // block_n) * block_n
-    return max(block_n, split)
+    return max(block_n, triton.next_power_of_2(-(-max_ctx // want)))
 
 
 _COUNTERS: dict = {}
@@ -279,7 +284,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         split_out = split < max_ctx
     else:
         bm, bn, warps = tiles or (128, 64, 8)
-        split, split_out = max(max_ctx, bn), False
+        split, split_out = UNSPLIT, False
     bm = max(bm, group_p)
     block_q = bm // group_p
     n_splits = triton.cdiv(max_ctx, split) if split_out else 1
