@@ -3,10 +3,12 @@
 On a GPU the engine's Python work per step (scheduling, building the step's inputs, filling the
 CUDA graph's input buffers, sampler bookkeeping, stop checks) runs while the GPU waits. Here the
 model's forward returns fixed logits at once (a 64-token vocabulary, so the CPU greedy pick is
-negligible), so what remains is host time. Two paths per batch size B:
+negligible), so what remains is host time. Four cases per batch size B:
   graph: pure-decode steps through ``DecodeGraphs`` (its real input fill into CPU buffers; the
          replay is a no-op returning fixed logits and picks), the path of GPU decode;
-  eager: the same steps through ``build_inputs`` (TP, prefill, steps the graphs do not take).
+  eager: the same steps through ``build_inputs`` (TP, prefill, steps the graphs do not take);
+  stop:  the graph path with a stop string in every request (detokenization, stop checks);
+  sample: the graph path with temperature 0.8 (sampler, one random number per token).
 B random prompts of --prompt-len tokens are prefilled (chunked by the token budget; that host
 time is reported per prefill step too), then --steps decode steps are timed one by one (median),
 split into scheduler / runner / rest of LLMEngine.step by timing wrappers. Not included: CUDA
@@ -42,6 +44,7 @@ from exactllm.engine.cuda_graphs import DecodeGraphs
 from exactllm.engine.scheduler import Scheduler
 
 STUB_VOCAB = 64
+MODES = ("graph", "eager", "stop", "sample")
 
 
 class StubModel:
@@ -51,7 +54,7 @@ class StubModel:
     def __init__(self, ops, cfg):
         self.ops, self.cfg = ops, cfg
         self.row = torch.randn(STUB_VOCAB, generator=torch.Generator().manual_seed(0))
-        self.row[0] = 10.0  # every greedy pick is token 0 (not an EOS of the synthetic tokenizer)
+        self.row[2 + ord("0")] = 10.0  # every greedy pick is the synthetic tokenizer's byte "0"
 
     def __call__(self, input_ids, positions, batch, kv_caches, **kwargs):
         return torch.zeros(input_ids.shape[0], 1)
@@ -112,12 +115,13 @@ def run_case(llm: LLM, batch: int, mode: str, args, profile: bool = False) -> di
     engine.scheduler = Scheduler(engine.block_manager, max(batch, 1), args.max_batched_tokens)
     engine._randoms.clear()
     runner = engine.runner
-    runner.graphs = host_graphs(runner) if mode == "graph" else None
+    runner.graphs = host_graphs(runner) if mode != "eager" else None
     sched_t, runner_t = [], []
     engine.scheduler.schedule = timed(engine.scheduler.schedule, sched_t)
     runner_step = runner.step
     runner.step = timed(runner_step, runner_t)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.8 if mode == "sample" else 0.0, max_tokens=max_tokens, ignore_eos=True,
+                            stop=["\n\n"] if mode == "stop" else [])
     gen = torch.Generator().manual_seed(batch)
     vocab = llm.source.config.vocab
     seqs = [engine.add_request(torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist(), params)
@@ -169,7 +173,7 @@ def measure(args) -> dict:
     llm.engine.runner.model = StubModel(llm.engine.runner.model.ops, llm.engine.runner.model.cfg)
     rows = []
     for batch in args.batches:
-        for mode in ("graph", "eager"):
+        for mode in MODES:
             rows.append(run_case(llm, batch, mode, args))
     out = {"exactllm": os.path.dirname(exactllm.__file__), "rows": rows}
     if args.profile:
@@ -225,7 +229,7 @@ def plot(rows: list[dict], base: list[dict] | None, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, color in (("graph", "tab:blue"), ("eager", "tab:orange")):
+    for mode, color in zip(MODES, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         for data, style, label in ((base, "--", "before"), (rows, "-", "after" if base else "")):
             if not data:
                 continue

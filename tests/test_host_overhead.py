@@ -301,3 +301,43 @@ def test_scheduler_equals_deque_scheduler(seed):
         assert [s.seq_id for s in new.running] == [s.seq_id for s in ref.running]
         assert [s.seq_id for s in new.waiting] == [s.seq_id for s in ref.waiting]
     assert new.num_preemptions == ref.num_preemptions > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_string_scan_equals_full_decode(seed):
+    """The engine's incremental stop-string check agrees, token by token, with searching the
+    whole decoded output: byte-level tokens split multi-byte characters, invalid bytes decode to
+    U+FFFD, stop strings come from the text itself (so they hit), some hold U+FFFD."""
+    from exactllm.engine.llm_engine import LLMEngine, truncate_at_stop
+    from exactllm.tokenizer import Tokenizer
+
+    class Engine:
+        tokenizer = Tokenizer.synthetic(300)
+        _stop_string_seen = LLMEngine._stop_string_seen
+    engine, rng, hits = Engine(), random.Random(seed), 0
+    for _ in range(40):
+        text = "".join(rng.choice(["a", "b", " ", "\n", "é", "€", "😀", ", "]) for _ in range(rng.randrange(1, 40)))
+        data = bytearray(text.encode())
+        for _ in range(rng.randrange(0, 3)):
+            data.insert(rng.randrange(len(data) + 1), rng.choice([0xFF, 0x80, 0xE2]))
+        decoded = engine.tokenizer.decode([2 + b for b in data])
+        i = rng.randrange(len(decoded))
+        stops = [decoded[i:i + rng.randrange(1, 5)], rng.choice(["ab", "€a", " b", "zz", "\n\n", "\ufffd"])]
+        seq = Sequence(0, [0], SamplingParams(stop=stops), 0)
+        for b in data:
+            seq.output_token_ids.append(2 + b)
+            want = truncate_at_stop(engine.tokenizer.decode(seq.output_token_ids), stops)[1]
+            assert engine._stop_string_seen(seq, 2 + b, stops) == want
+            if want:
+                hits += 1
+                break
+    assert hits > 20
+
+
+def test_seq_random_draws_equal_single_draws():
+    """SeqRandom draws in blocks; the numbers are those of one torch.rand(()) per token."""
+    from exactllm.engine.sampler import SeqRandom
+    for seed in (0, 5, 2**31 - 1):
+        r, g = SeqRandom(seed), torch.Generator().manual_seed(seed)
+        assert [r.uniform() for _ in range(3 * SeqRandom.DRAW + 5)] == \
+               [torch.rand((), generator=g).item() for _ in range(3 * SeqRandom.DRAW + 5)]

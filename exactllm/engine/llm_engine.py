@@ -171,15 +171,30 @@ class LLMEngine:
             reason = "stop"
         elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        text, hit = None, False
-        if p.stop:  # a stop string can only be seen in the detokenized text
-            text, hit = truncate_at_stop(self.tokenizer.decode(seq.output_token_ids), p.stop)
-            reason = "stop" if hit else reason
+        if p.stop and self._stop_string_seen(seq, token, p.stop):
+            reason = "stop"
         if reason:
-            seq.text = text if text is not None else self.tokenizer.decode(seq.output_token_ids)
+            text = self.tokenizer.decode(seq.output_token_ids)
+            seq.text = truncate_at_stop(text, p.stop)[0] if p.stop else text
             seq.finish_reason = reason
             self.scheduler.finish(seq)
             self._randoms.pop(seq.seq_id, None)
+
+    def _stop_string_seen(self, seq: Sequence, token: int, stops: list[str]) -> bool:
+        """Whether a stop string occurs in decode(output tokens), looking only at new text.
+
+        The output so far decodes to the stream decoder's text plus, while a character's bytes
+        are incomplete, U+FFFD for them. No stop string occurred at earlier tokens (the sequence
+        would have finished), so an occurrence now ends in the text this token added: the last
+        longest-stop - 1 characters before it are all the context it needs. An occurrence that
+        involves held-back bytes contains U+FFFD: such stop strings take the full decode."""
+        if any("\ufffd" in s for s in stops):
+            return truncate_at_stop(self.tokenizer.decode(seq.output_token_ids), stops)[1]
+        if seq.detok is None:
+            seq.detok = self.tokenizer.stream()
+        text = seq.detok_tail + seq.detok.push(token)
+        seq.detok_tail = text[max(0, len(text) - max(map(len, stops)) + 1):]
+        return any(s in text for s in stops)
 
     def output(self, seq: Sequence) -> RequestOutput:
         text = seq.text if seq.finished else self.tokenizer.decode(seq.output_token_ids)

@@ -33,6 +33,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the first full blocks
     num_checked_blocks: int = 0    # blocks of block_table already offered to the prefix cache
     unregistered_blocks: list[int] = field(default_factory=list)  # of those, ones to offer again
+    # Stop-string scan (LLMEngine): an incremental detokenizer of the output, its text's end
+    detok: object = None
+    detok_tail: str = ""
 
     def tokens(self, start: int, end: int) -> list[int]:
         """token_ids[start:end] (0 <= start <= end), without building the whole list."""
