@@ -42,6 +42,22 @@ def reference_build_inputs(chunks, block_size):
             torch.tensor(logit_rows, dtype=torch.long))
 
 
+def reference_vision_inputs(chunks):
+    """The per-position modality ids and vision rows _vision_inputs replaced."""
+    if all(ch.seq.modality_ids is None for ch in chunks):
+        return None, None
+    mods, rows = [], []
+    for ch in chunks:
+        m = ch.seq.modality_ids or []
+        part = [m[p] if p < len(m) else 0 for p in range(ch.start, ch.start + ch.length)]
+        mods.extend(part)
+        n = sum(part)
+        if n:
+            first = sum(m[:ch.start])
+            rows.append(ch.seq.vision_embeds[first:first + n])
+    return torch.tensor(mods, dtype=torch.int8), (torch.cat(rows) if rows else None)
+
+
 def reference_fill(chunks, bucket, block_size, max_blocks):
     """The per-sequence graph input fill DecodeGraphs._fill replaced: (host [4, bucket], tables [n, width])."""
     n = len(chunks)
@@ -188,7 +204,7 @@ def test_build_inputs_equals_per_token_construction(seed):
     prompts = [[rng.randrange(1000) for _ in range(rng.randrange(1, 30))] for _ in range(4)]
     sched = Scheduler(BlockManager(40, BS), max_num_seqs=6, max_num_batched_tokens=rng.choice([7, 16, 64]))
     tables = BlockTables()
-    steps = 0
+    steps = multimodal = 0
     for chunks in simulate(rng, sched, 120, lambda i: make_seq(rng, i, prompts), 8):
         if not chunks:
             continue
@@ -201,9 +217,11 @@ def test_build_inputs_equals_per_token_construction(seed):
             for x, y in zip((inputs.input_ids, inputs.positions, b.cu_seqlens_q, b.context_lens, b.block_tables,
                              b.slot_mapping, inputs.logit_rows), ref):
                 assert x.dtype == y.dtype and torch.equal(x, y)
-        if any(ch.seq.modality_ids for ch in chunks):
-            assert got.modality_ids is not None
-    assert steps > 50
+        mods, embeds = reference_vision_inputs(chunks)
+        for x, y in ((got.modality_ids, mods), (got.vision_embeds, embeds)):
+            assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y))
+        multimodal += mods is not None and embeds is not None
+    assert steps > 50 and multimodal > 5
 
 
 def test_block_tables_follow_replaced_and_grown_tables():

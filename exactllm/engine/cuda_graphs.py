@@ -12,12 +12,12 @@ slots as int32 [4, B_max], and the block tables [B_max, max_blocks]. Only the fi
 of the tables are written each step (w: the widest table; narrower rows are zero-padded), and
 they come from the runner's ``BlockTables``, which writes only what changed since the last
 step; columns beyond w are stale and never read (attention masks its page lookups to the
-context). The fill is array ops over the batch, no per-sequence element writes. Graphs are captured lazily, the first time a
+context). Each row of the [4, B] buffer is written
+as a whole from a list, not element by element. Graphs are captured lazily, the first time a
 bucket is needed, after one eager warm-up pass (Triton compilation and GEMV tuning happen there).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from exactllm.layers.attention import AttnBatch
@@ -38,7 +38,6 @@ class DecodeGraphs:
         self.host = torch.zeros(4, self.max_batch, dtype=i32, pin_memory=pin)
         self.host_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, pin_memory=pin)
         self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
-        self.rows = np.arange(self.max_batch)
         self.dev = torch.zeros(4, self.max_batch, dtype=i32, device=device)
         self.tables = torch.zeros(self.max_batch, self.max_blocks, dtype=i32, device=device)
         self.cu = torch.arange(self.max_batch + 1, dtype=i32, device=device)
@@ -52,20 +51,19 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n)
 
     def _fill(self, chunks, bucket: int) -> None:
-        n = len(chunks)
+        n, bs = len(chunks), self.block_size
         h = self.host_np
         if bucket > n:
             h[:, n:bucket] = 0
             h[3, n:bucket] = -1  # padding rows: no KV slot
-        pos = np.fromiter((ch.start for ch in chunks), np.int32, n)
-        h[0, :n] = np.fromiter((ch.seq.last_token for ch in chunks), np.int32, n)  # decode: p is the last token
+        pos = [ch.start for ch in chunks]
+        h[0, :n] = [ch.seq.last_token for ch in chunks]  # decode: position p holds the last token
         h[1, :n] = pos
-        h[2, :n] = pos + 1
+        h[2, :n] = [p + 1 for p in pos]
+        h[3, :n] = [ch.seq.block_table[p // bs] * bs + p % bs for ch, p in zip(chunks, pos)]
         tables = self.block_tables.gather([ch.seq for ch in chunks])
         width = tables.shape[1]
         self.host_tables_np[:n, :width] = tables
-        bs = self.block_size
-        h[3, :n] = tables[self.rows[:n], pos // bs] * bs + pos % bs
         self.dev.copy_(self.host, non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
 

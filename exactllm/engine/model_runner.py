@@ -45,8 +45,9 @@ def _vision_inputs(chunks: list[ScheduledChunk]):
     mods, rows = [], []
     for ch in chunks:
         m = ch.seq.modality_ids or []
-        part = [m[p] if p < len(m) else 0 for p in range(ch.start, ch.start + ch.length)]
+        part = m[ch.start:ch.start + ch.length]  # positions past the prompt are text
         mods.extend(part)
+        mods.extend([0] * (ch.length - len(part)))
         n = sum(part)
         if n:
             first = sum(m[:ch.start])  # vision rows of this sequence before the chunk
@@ -100,23 +101,33 @@ class BlockTables:
 
 
 def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTables | None = None) -> StepInputs:
-    """The step's input tensors, built with array ops over per-chunk starts and lengths (no
-    per-token Python). tables: the runner's BlockTables (kept across steps); None builds afresh."""
-    n = len(chunks)
-    starts = np.fromiter((ch.start for ch in chunks), np.int64, n)
-    lengths = np.fromiter((ch.length for ch in chunks), np.int64, n)
-    cu = np.zeros(n + 1, np.int64)
-    np.cumsum(lengths, out=cu[1:])
+    """The step's input tensors. Per-chunk values are plain lists (O(chunks)); per-token
+    positions and slots are array ops over the chunks' starts and lengths, except in a
+    pure-decode step, where tokens are chunks. tables: the runner's BlockTables (kept across
+    steps); None builds them afresh."""
+    n, bs = len(chunks), block_size
+    starts = [ch.start for ch in chunks]
+    lengths = [ch.length for ch in chunks]
+    cu = [0, *itertools.accumulate(lengths)]
+    ctx = [s + k for s, k in zip(starts, lengths)]
+    logit_rows = [c - 1 for c, ch in zip(cu[1:], chunks) if ch.completes]
     ids = list(itertools.chain.from_iterable(ch.seq.tokens(ch.start, ch.start + ch.length) for ch in chunks))
-    row = np.repeat(np.arange(n), lengths)
-    pos = np.arange(cu[-1]) - np.repeat(cu[:-1] - starts, lengths)
     table = (tables or BlockTables()).gather([ch.seq for ch in chunks])
-    slots = table[row, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    completes = np.fromiter((ch.completes for ch in chunks), bool, n)
-    t = torch.from_numpy
-    return StepInputs(torch.tensor(ids, dtype=torch.long), t(pos),
-                      AttnBatch(t(cu.astype(np.int32)), t((starts + lengths).astype(np.int32)), t(table), t(slots)),
-                      t(cu[1:][completes] - 1), *_vision_inputs(chunks))
+    if cu[-1] == n:  # one token per chunk
+        pos = torch.tensor(starts, dtype=torch.long)
+        slots = torch.tensor([ch.seq.block_table[p // bs] * bs + p % bs for ch, p in zip(chunks, starts)],
+                             dtype=torch.long)
+    else:
+        lengths_np = np.array(lengths)
+        offsets = np.repeat(np.array(cu[:-1]) - np.array(starts), lengths_np)
+        pos_np = np.arange(cu[-1]) - offsets
+        row = np.repeat(np.arange(n), lengths_np)
+        pos = torch.from_numpy(pos_np)
+        slots = torch.from_numpy(table[row, pos_np // bs].astype(np.int64) * bs + pos_np % bs)
+    i32, i64 = torch.int32, torch.long
+    return StepInputs(torch.tensor(ids, dtype=i64), pos,
+                      AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32), torch.from_numpy(table), slots),
+                      torch.tensor(logit_rows, dtype=i64), *_vision_inputs(chunks))
 
 
 class ModelRunner:
