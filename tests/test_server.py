@@ -367,6 +367,18 @@ def _post_async(url: str, prompt: str, out: dict) -> threading.Thread:
     return t
 
 
+def slowed(llm: LLM, seconds: float = 0.005) -> LLM:
+    """Each engine step takes at least `seconds` more, so that a 1500-token request keeps decoding
+    (>= 7.5 s) for as long as a test needs it, however fast the machine runs the tiny model."""
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+    llm.engine.step = slow_step
+    return llm
+
+
 def until(cond, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -383,7 +395,7 @@ def test_requests_arriving_during_decode_are_admitted_together(ref):
     long = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
             "logprobs": 0}
     for window, prompt_steps in ((60.0, 2), (0.0, 4)):
-        llm = LLM(MINI, max_num_seqs=16)
+        llm = slowed(LLM(MINI, max_num_seqs=16))
         app = create_app(llm.engine, MINI, admission_window=window)
         loop, answers, threads = app.state.engine_loop, {}, []
         with ServerThread(app) as srv, httpx.Client(timeout=60) as client:
@@ -410,7 +422,7 @@ def test_requests_arriving_during_decode_are_admitted_together(ref):
 
 def test_held_request_is_admitted_when_the_window_ends(ref):
     want = ref.generate(["short"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
-    llm = LLM(MINI, max_num_seqs=16)
+    llm = slowed(LLM(MINI, max_num_seqs=16))
     app = create_app(llm.engine, MINI, admission_window=0.2)
     engine = llm.engine
     long = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
