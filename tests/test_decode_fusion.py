@@ -11,28 +11,13 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import random
-
 import pytest
 import torch
 
 from exactllm.engine.sampler import select
 from exactllm.kernels import activation, activation_triton, rope, rope_triton, sampling, sampling_triton
 from exactllm.sampling_params import SamplingParams
-
-BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
-DTYPES = [torch.float32, torch.float16]
-
-
-def fresh_gen():
-    seed = random.randrange(1 << 31)
-    return torch.Generator().manual_seed(seed), seed
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
-    return ((a - b).norm() / b.norm()).item()
+from kernel_testing import BOUND, DTYPES, fresh_gen, rel
 
 
 def rope64(x, pos, d, max_pos=64, base=10000.0):

@@ -11,32 +11,13 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import random
-
 import pytest
 import torch
 
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import activation, attention, matmul, rmsnorm, rope
 from exactllm.kernels import activation_triton, attention_triton, matmul_triton, rmsnorm_triton, rope_triton
-
-BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
-DTYPES = [torch.float32, torch.float16]
-
-
-def fresh_gen():
-    seed = random.randrange(1 << 31)
-    return torch.Generator().manual_seed(seed), seed
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
-    return ((a - b).norm() / b.norm()).item()
-
-
-def poison(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
+from kernel_testing import BOUND, DTYPES, fresh_gen, poison, rel
 
 
 def check(out, ref_out, ref64, dtype, seed):
