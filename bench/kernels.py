@@ -105,7 +105,6 @@ def linear_section(bw, rows):
                 rec[f"m{m}_invariant_TFLOPs"] = 2 * m * n * k / bench(lambda: matmul_triton.linear(x, ws[0], invariant=True)) / 1e12
             out.append(rec)
             print(json.dumps(rec), flush=True)
-            del ws
     return out
 
 

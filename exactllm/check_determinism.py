@@ -4,7 +4,6 @@ divergence"). Batches are filled with other prompts, so each target prompt share
 strangers, as in a server."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 import weakref
 from typing import Iterator, Sequence as Seq
 
-import torch
-
 from exactllm.config import EngineConfig, parse_dtype
 from exactllm.engine.llm_engine import LLMEngine, RequestOutput
 from exactllm.models.loader import resolve_model

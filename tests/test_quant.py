@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from exactllm.formats import quant
 from exactllm.formats.quant import LAYOUTS, QuantWeight, dequantize, quantize
 
 GT = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
