@@ -279,6 +279,25 @@ def test_graph_fill_equals_per_sequence_fill(seed):
     assert checked > 30
 
 
+def test_capture_all_captures_each_bucket_once_on_padding_rows(monkeypatch):
+    """A server captures every bucket a step of up to max_num_seqs sequences can use before its
+    first request; each capture sees only padding rows (no context, no KV slot, zero tables), so
+    nothing reaches the KV cache. (The capture itself needs CUDA: here it records its inputs.)"""
+    graphs = DecodeGraphs(_Model(), [], torch.device("cpu"), BS, BlockTables(), buckets=(1, 2, 4, 8, 16))
+    seen = []
+
+    def record(b):
+        seen.append((b, graphs.dev[:, :b].clone(), graphs.tables[:b].clone()))
+        graphs.graphs[b] = None
+    monkeypatch.setattr(graphs, "_capture", record)
+    graphs.host_np[:] = 7
+    graphs.tables.fill_(7)
+    assert graphs.capture_all(5) == [1, 2, 4, 8]  # 5 sequences run the bucket of 8
+    for b, dev, tables in seen:
+        assert dev[:3].eq(0).all() and dev[3].eq(-1).all() and tables.eq(0).all(), b
+    assert graphs.capture_all(16) == [16] and graphs.capture_all(100) == []  # none twice; 16 is the top
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_incremental_commit_equals_full_rescan(seed):
     """Same prompts admitted together (duplicate blocks that cannot register until the holder's

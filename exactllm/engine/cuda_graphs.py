@@ -14,7 +14,8 @@ they come from the runner's ``BlockTables``, which writes only what changed sinc
 step; columns beyond w are stale and never read (attention masks its page lookups to the
 context). Each row of the [4, B] buffer is written
 as a whole from a list, not element by element. Graphs are captured lazily, the first time a
-bucket is needed, after one eager warm-up pass (Triton compilation and GEMV tuning happen there).
+bucket is needed, after one eager warm-up pass (Triton compilation and GEMV tuning happen there),
+or all at once by ``capture_all`` (the server does this at startup).
 """
 from __future__ import annotations
 
@@ -85,6 +86,29 @@ class DecodeGraphs:
             out = self._forward(b)
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)
+
+    def buckets_for(self, max_batch: int) -> list[int]:
+        """The buckets a step of up to max_batch sequences can use."""
+        top = self._bucket(min(max_batch, self.max_batch))
+        return [b for b in self.buckets if b <= top]
+
+    @torch.inference_mode()
+    def capture_all(self, max_batch: int) -> list[int]:
+        """Capture now every bucket a step of up to max_batch sequences can use, so that no request
+        of a server waits for a capture (or a Triton compile) mid-stream. The inputs are all
+        padding rows (no context, no KV slot), so nothing is written to the cache. Returns the
+        buckets captured by this call."""
+        done = []
+        for b in self.buckets_for(max_batch):
+            if b in self.graphs:
+                continue
+            self.host_np[:, :b] = 0
+            self.host_np[3, :b] = -1
+            self.dev.copy_(self.host, non_blocking=True)
+            self.tables[:b].zero_()
+            self._capture(b)
+            done.append(b)
+        return done
 
     @torch.inference_mode()
     def run(self, chunks) -> tuple[torch.Tensor, torch.Tensor]:

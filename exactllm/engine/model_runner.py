@@ -145,6 +145,11 @@ class ModelRunner:
             from exactllm.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, kv_caches, self.device, block_size, self.tables)
 
+    def capture_graphs(self, max_batch: int) -> list[int]:
+        """Capture now the decode graphs of every batch bucket up to max_batch
+        (``DecodeGraphs.capture_all``); the buckets captured, [] where there are no graphs."""
+        return [] if self.graphs is None else self.graphs.capture_all(max_batch)
+
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
         """float32 logits [len(logit_rows), vocab] (empty when no chunk completes)."""

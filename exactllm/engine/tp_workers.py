@@ -255,6 +255,9 @@ class TPRunner:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def capture_graphs(self, max_batch: int) -> list[int]:
+        return []  # every step runs eagerly on all ranks (a graph captured on rank 0 alone would hang)
+
     def forward_logits(self, inputs):
         return self.pool.forward(inputs, self.inner.forward_logits)
 

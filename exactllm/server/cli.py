@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,6 +70,11 @@ def cmd_serve(args) -> int:
               tensor_parallel_size=args.tp,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
+    t0 = time.perf_counter()  # capture every decode bucket before the first request, not during one
+    done = llm.engine.runner.capture_graphs(args.max_num_seqs)
+    if done:
+        logging.getLogger("exactllm.serve").info("captured %d decode CUDA graphs (batch %s) in %.1f s",
+                                                 len(done), ",".join(map(str, done)), time.perf_counter() - t0)
     name = args.served_model_name or served_model_name(args.model)
     aliases = (args.model,) if args.model and args.model != name else ()
     window = None if args.admission_window_ms is None else args.admission_window_ms / 1e3
