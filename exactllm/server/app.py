@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exactllm.engine.llm_engine import LLMEngine
+from exactllm.engine.llm_engine import LLMEngine, RequestOutput
 from exactllm.server.engine_loop import Draining, EngineLoop, Event, GenRequest, Overloaded, merge_events
 from exactllm.server.metrics import ServerMetrics
 from exactllm.server.protocol import (APIError, ChatCompletionRequest, ChunkEncoder, CompletionRequest, chat_body,
@@ -185,8 +185,8 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
         pending, prompt_tokens = await start(gens, queue, endpoint)
         return gens, queue, pending, prompt_tokens
 
-    async def collect(raw: Request, gens, queue, pending, endpoint: str) -> dict[int, Event] | None:
-        """Final events of every sequence, or None when the client disconnected first."""
+    async def collect(raw: Request, gens, queue, pending, endpoint: str) -> list[RequestOutput] | None:
+        """Final outputs of every sequence in choice order, or None when the client disconnected first."""
 
         async def watch():
             while (await raw.receive())["type"] != "http.disconnect":
@@ -210,7 +210,7 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
                 if ev.output is not None:
                     finals[ev.index] = ev
             metrics.requests.inc(endpoint=endpoint, outcome="ok")
-            return finals
+            return [finals[i].output for i in range(len(gens))]
         finally:
             watcher.cancel()
             abort_all(gens)
@@ -291,16 +291,13 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
             return completion_logprobs([token_str(t) for t in ev.token_ids], ev.logprobs, offset)
 
         if not body.stream:
-            finals = await collect(raw, gens, queue, pending, endpoint)
-            if finals is None:
+            outs = await collect(raw, gens, queue, pending, endpoint)
+            if outs is None:
                 return PlainTextResponse("", status_code=499)
-            choices, completion_tokens = [], 0
-            for i in range(len(gens)):
-                out = finals[i].output
-                completion_tokens += len(out.token_ids)
-                choices.append({"index": i, "text": out.text, "logprobs": logprobs_of(out, 0),
-                                "finish_reason": out.finish_reason})
-            return completion_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
+            choices = [{"index": i, "text": out.text, "logprobs": logprobs_of(out, 0),
+                        "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
+            tokens = sum(len(out.token_ids) for out in outs)
+            return completion_body(rid, body.model, t0, choices, usage(prompt_tokens, tokens))
 
         async def chunks():
             enc = ChunkEncoder(rid, body.model, t0, "text_completion")
@@ -341,17 +338,14 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
         top = bool(body.top_logprobs)
 
         if not body.stream:
-            finals = await collect(raw, gens, queue, pending, endpoint)
-            if finals is None:
+            outs = await collect(raw, gens, queue, pending, endpoint)
+            if outs is None:
                 return PlainTextResponse("", status_code=499)
-            choices, completion_tokens = [], 0
-            for i in range(len(gens)):
-                out = finals[i].output
-                completion_tokens += len(out.token_ids)
-                lp = chat_logprobs([token_str(t) for t in out.token_ids], out.logprobs, top) if want_lp else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": out.text},
-                                "logprobs": lp, "finish_reason": out.finish_reason})
-            return chat_body(rid, body.model, t0, choices, usage(prompt_tokens, completion_tokens))
+            choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+                        "logprobs": chat_logprobs([token_str(t) for t in out.token_ids], out.logprobs, top)
+                        if want_lp else None, "finish_reason": out.finish_reason} for i, out in enumerate(outs)]
+            tokens = sum(len(out.token_ids) for out in outs)
+            return chat_body(rid, body.model, t0, choices, usage(prompt_tokens, tokens))
 
         async def chunks():
             enc = ChunkEncoder(rid, body.model, t0, "chat.completion.chunk")
