@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,10 +102,6 @@ def timed(fn, log: list):
     return wrapper
 
 
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
 def run_case(llm: LLM, batch: int, mode: str, args, profile: bool = False) -> dict:
     engine = llm.engine
     bs = engine.cfg.block_size
@@ -147,7 +144,7 @@ def run_case(llm: LLM, batch: int, mode: str, args, profile: bool = False) -> di
     runner.step = runner_step
     for s in seqs:
         engine.abort(s)
-    us = lambda xs: round(median(xs) * 1e6, 1)
+    us = lambda xs: round(statistics.median_high(xs) * 1e6, 1)
     row = {"batch": batch, "mode": mode, "us_per_step": us(total), "schedule_us": us(sched_t),
            "runner_us": us(runner_t), "prefill_steps": len(prefill),
            "prefill_us_per_step": round(sum(prefill) / len(prefill) * 1e6, 1)}

@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -29,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from exactllm import LLM, SamplingParams
+from throughput import graph_replay_seconds  # bench/ is on sys.path: this script runs from there
 
 MATMUL = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|splitk|cublas", re.IGNORECASE)
 
@@ -44,24 +46,6 @@ def kernel_table(prof, steps: int) -> list[dict]:
     rows = [{"kernel": k[:100], "matmul": bool(MATMUL.search(k)), "per_step": count[k] / steps,
              "us_per_step": total[k] / steps, "us_each": total[k] / count[k]} for k in count]
     return sorted(rows, key=lambda r: -r["us_per_step"])
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
-def graph_replay_us(graph) -> float:
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(50):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return median(times)
 
 
 def run_case(llm, batch: int, args) -> dict:
@@ -96,7 +80,8 @@ def run_case(llm, batch: int, args) -> dict:
             torch.cuda.synchronize()
             walls.append((time.perf_counter() - t) * 1e6)
         bucket = graphs._bucket(batch)
-        rec.update(graph_step_us=graph_replay_us(graphs.graphs[bucket][0]), engine_step_us=median(walls))
+        rec.update(graph_step_us=graph_replay_seconds(graphs.graphs[bucket][0]) * 1e6,
+                   engine_step_us=statistics.median_high(walls))
     for s in seqs:
         engine.abort(s)
     return rec

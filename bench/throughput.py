@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -43,22 +44,26 @@ def timed_generate(llm, prompts, params):
     return time.perf_counter() - t, outs
 
 
-def graph_step_seconds(llm) -> float | None:
-    graphs = llm.engine.runner.graphs
-    if graphs is None or 1 not in graphs.graphs:
-        return None
-    g = graphs.graphs[1][0]
+def graph_replay_seconds(graph) -> float:
+    """GPU time of one replay of a captured CUDA graph: median of 50 after 5 warm-up replays."""
     for _ in range(5):
-        g.replay()
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(50):
         start.record()
-        g.replay()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e-3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median_high(times)
+
+
+def graph_step_seconds(llm) -> float | None:
+    graphs = llm.engine.runner.graphs
+    if graphs is None or 1 not in graphs.graphs:
+        return None
+    return graph_replay_seconds(graphs.graphs[1][0])
 
 
 def main():
