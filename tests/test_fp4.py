@@ -18,7 +18,7 @@ from exactllm.formats.quant import (MXFP4_GGML_TYPE, MXFP4_TYPE_SIZE, QuantWeigh
                                     dequantize_mxfp4, quantize, quantize_mxfp4)
 from exactllm.kernels import moe_gemm as mg
 from exactllm.layers.moe import MoELayer
-from moe_testing import COUNTS, offsets, rel
+from moe_testing import COUNTS, expert_weights, offsets, rel
 
 MX = gguf.GGMLQuantizationType.MXFP4
 
@@ -157,15 +157,11 @@ def test_mxfp4_gemm_gather_scatter_rows():
 
 # ----------------------------------------------------------------------------- expert FFN
 
-def _experts(E, H, Fd, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(E, 2 * Fd, H, generator=g) * H ** -0.5, torch.randn(E, H, Fd, generator=g) * Fd ** -0.5
-
-
 def test_fp4_expert_ffn_triton_matches_torch():
     off = offsets(COUNTS)
     x = torch.randn(int(off[-1]), 64).half()
-    fp4 = [mg.quantize_expert_weights(w.half(), "triton", "fp4") for w in _experts(len(COUNTS), 64, 32)]
+    fp4 = [mg.quantize_expert_weights(w.half(), "triton", "fp4")
+           for w in expert_weights(len(COUNTS), 64, 32, seed=0)]
     perm = torch.randperm(int(off[-1]))
     ref = mg.expert_ffn(x, off, *fp4, precision="fp4", rows=perm)
     assert rel(mg.expert_ffn(x, off, *fp4, precision="fp4", backend="triton", rows=perm), ref) < 5e-3
@@ -181,7 +177,7 @@ def test_fp4_experts_within_bound_and_worse_than_fp8():
     H, Fd = 256, 128
     off = offsets([40, 70, 0, 90])
     x = torch.randn(int(off[-1]), H)
-    w13, w2 = _experts(4, H, Fd)
+    w13, w2 = expert_weights(4, H, Fd, seed=0)
     ref = mg.expert_ffn(x, off, w13, w2)
     fp8 = mg.expert_ffn(x, off, mg.quantize_expert_weights(w13), mg.quantize_expert_weights(w2), "fp8")
     q = [mg.quantize_expert_weights(w.bfloat16(), fmt="fp4") for w in (w13, w2)]

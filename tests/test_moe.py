@@ -14,7 +14,7 @@ from exactllm.balance.workload import bias_router, make_batch, vision_direction
 from exactllm.distributed import launch
 from exactllm.kernels import moe_gemm as mg
 from exactllm.layers.moe import MoELayer
-from moe_testing import COUNTS, offsets, rel
+from moe_testing import COUNTS, expert_weights, offsets, rel
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -72,15 +72,11 @@ def test_silu_mul_triton():
     assert rel(q.float() * s[:, None], qr.float() * sr[:, None]) < 1e-3
 
 
-def _experts(E, H, Fd, dtype=torch.float32):
-    return torch.randn(E, 2 * Fd, H).to(dtype) * H ** -0.5, torch.randn(E, H, Fd).to(dtype) * Fd ** -0.5
-
-
 def test_expert_ffn_triton_matches_torch():
     H, Fd = 32, 48
     off = offsets(COUNTS)
     x = torch.randn(int(off[-1]), H).half()
-    w13, w2 = _experts(len(COUNTS), H, Fd, torch.half)
+    w13, w2 = expert_weights(len(COUNTS), H, Fd, dtype=torch.half)
     ref = mg.expert_ffn(x.float(), off, w13.float(), w2.float())
     assert rel(mg.expert_ffn(x, off, w13, w2, backend="triton"), ref) < 5e-3
     fp8 = [mg.quantize_expert_weights(w, "triton") for w in (w13, w2)]
@@ -99,7 +95,7 @@ def test_fp8_experts_within_bound_of_full_precision():
     H, Fd = 256, 128
     off = offsets([40, 70, 0, 90])
     x = torch.randn(int(off[-1]), H)
-    w13, w2 = _experts(4, H, Fd)
+    w13, w2 = expert_weights(4, H, Fd)
     ref = mg.expert_ffn(x, off, w13, w2)
     out = mg.expert_ffn(x, off, mg.quantize_expert_weights(w13), mg.quantize_expert_weights(w2), "fp8")
     err = rel(out, ref)
@@ -204,7 +200,7 @@ def test_expert_ffn_gather_scatter_rows():
     M = int(off[-1])
     x = torch.randn(M, H).half()
     perm = torch.randperm(M)
-    w13, w2 = _experts(len(COUNTS), H, Fd, torch.half)
+    w13, w2 = expert_weights(len(COUNTS), H, Fd, dtype=torch.half)
     want = torch.empty(M, H, dtype=torch.half)
     want[perm] = mg.expert_ffn(x[perm], off, w13, w2)
     for backend in ("torch", "triton"):

@@ -15,7 +15,7 @@ from exactllm.balance import ReaLB, ReaLBConfig
 from exactllm.formats.quant import (E2M1_X2, NVFP4_GGML_TYPE, NVFP4_TYPE_SIZE, dequantize, dequantize_nvfp4,
                                     quantize, quantize_nvfp4, ue4m3_from_fp32, ue4m3_half)
 from exactllm.kernels import moe_gemm as mg
-from moe_testing import COUNTS, offsets, rel
+from moe_testing import COUNTS, expert_weights, offsets, rel
 
 NV = gguf.GGMLQuantizationType.NVFP4
 
@@ -146,15 +146,10 @@ def test_nvfp4_gemm_gather_scatter_rows():
             assert rel(got, exp) < 1e-6
 
 
-def _experts(E, H, Fd, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(E, 2 * Fd, H, generator=g) * H ** -0.5, torch.randn(E, H, Fd, generator=g) * Fd ** -0.5
-
-
 def test_nvfp4_expert_ffn_triton_matches_torch_and_bound():
     off = offsets(COUNTS)
     x = torch.randn(int(off[-1]), 64)
-    w13, w2 = _experts(len(COUNTS), 64, 64)
+    w13, w2 = expert_weights(len(COUNTS), 64, 64, seed=0)
     q = [mg.quantize_expert_weights(w, fmt="nvfp4") for w in (w13, w2)]
     perm = torch.randperm(int(off[-1]))
     ref = mg.expert_ffn(x.half(), off, *q, precision="nvfp4", rows=perm)
