@@ -42,6 +42,7 @@ from exactllm.distributed import launch  # noqa: E402
 from exactllm.engine.model_runner import StepInputs  # noqa: E402
 from exactllm.layers.attention import AttnBatch  # noqa: E402
 from exactllm.models.moe import N_IMAGE_KINDS, VISION_GAIN, MoEOptions, image_direction  # noqa: E402
+from moe_layer import speedup_panel  # noqa: E402  (bench/ is on sys.path: this script runs from there)
 
 MODES = ("none", "realb", "eplb")
 
@@ -258,15 +259,7 @@ def plot(summary, path, a):
     ax[1].set_ylabel("forward latency, slowest rank (ms)")
     ax[1].set_title(f"imbalanced, {max(a.tokens)} tokens")
     ax[1].legend()
-    for wl, style in (("imbalanced", "-"), ("balanced", "--")):
-        rs = [r for r in rows if r["workload"] == wl]
-        for m in ("realb", "eplb"):
-            ax[2].plot([r["tokens"] for r in rs], [r[f"{m}_speedup"] for r in rs], style, marker="o", label=f"{m} ({wl})")
-    ax[2].axhline(1.0, color="gray", lw=0.8)
-    ax[2].set_xscale("log", base=2)
-    ax[2].set_xlabel("prefill tokens per step")
-    ax[2].set_ylabel("end-to-end speedup over none")
-    ax[2].legend()
+    speedup_panel(ax[2], rows, "prefill tokens per step", "end-to-end speedup over none")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

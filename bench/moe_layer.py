@@ -211,6 +211,19 @@ def summarize(results, a) -> dict:
                 conversion_ms=[r["conversion_ms"] for r in results], memory=results[0]["memory"])
 
 
+
+def speedup_panel(ax, rows: list[dict], xlabel: str, ylabel: str) -> None:
+    """realb and eplb speedup over none against tokens per step, imbalanced and balanced workloads."""
+    for wl, style in (("imbalanced", "-"), ("balanced", "--")):
+        rs = [r for r in rows if r["workload"] == wl]
+        for m in ("realb", "eplb"):
+            ax.plot([r["tokens"] for r in rs], [r[f"{m}_speedup"] for r in rs], style, marker="o", label=f"{m} ({wl})")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+
 def plot(summary, path, a):
     import matplotlib
     matplotlib.use("Agg")
@@ -237,16 +250,7 @@ def plot(summary, path, a):
     ax[1].set_title(f"imbalanced batches, {T} tokens")
     ax[1].legend()
     # (c) speedup vs none by batch size
-    for wl, style in (("imbalanced", "-"), ("balanced", "--")):
-        rows = [r for r in summary["summary"] if r["workload"] == wl]
-        for m in ("realb", "eplb"):
-            ax[2].plot([r["tokens"] for r in rows], [r[f"{m}_speedup"] for r in rows], style, marker="o",
-                       label=f"{m} ({wl})")
-    ax[2].axhline(1.0, color="gray", lw=0.8)
-    ax[2].set_xscale("log", base=2)
-    ax[2].set_xlabel("prefill tokens (global)")
-    ax[2].set_ylabel("speedup over none (median step)")
-    ax[2].legend()
+    speedup_panel(ax[2], summary["summary"], "prefill tokens (global)", "speedup over none (median step)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
