@@ -125,9 +125,9 @@ def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTab
         pos = torch.from_numpy(pos_np)
         slots = torch.from_numpy(table[row, pos_np // bs].astype(np.int64) * bs + pos_np % bs)
     i32, i64 = torch.int32, torch.long
-    return StepInputs(torch.tensor(ids, dtype=i64), pos,
-                      AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32), torch.from_numpy(table), slots),
-                      torch.tensor(logit_rows, dtype=i64), *_vision_inputs(chunks))
+    batch = AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32), torch.from_numpy(table), slots)
+    return StepInputs(torch.tensor(ids, dtype=i64), pos, batch, torch.tensor(logit_rows, dtype=i64),
+                      *_vision_inputs(chunks))
 
 
 class ModelRunner:

@@ -126,7 +126,6 @@ class Ops:
             return log_softmax_tree(logits.float())
         return torch.log_softmax(logits.float(), dim=-1)
 
-
     def greedy_pick(self, logits: torch.Tensor) -> torch.Tensor:
         """[S, 2] float64: each row's argmax token and its log-prob. The log-prob is this Ops'
         log_softmax's own bits (as the training forward computes them) except on CUDA in fast
