@@ -42,6 +42,8 @@ def _gather(x: torch.Tensor, group) -> list[torch.Tensor]:
         flat = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(flat, x, group=group)
         return list(flat.unbind(0))
+    if x.is_cuda:  # gloo gathers host tensors only (ranks sharing a GPU, see engine/tp_workers.py)
+        return [p.to(x.device) for p in _gather(x.cpu(), group)]
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x, group=group)
     return parts
@@ -66,5 +68,8 @@ def all_gather_cat(x: torch.Tensor, dim: int = -1, group=None) -> torch.Tensor:
 def all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     """Plain in-place sum all-reduce (fast mode: order chosen by the backend)."""
     if get_world_size(group) > 1:
-        dist.all_reduce(x, group=group)
+        if x.is_cuda and dist.get_backend(group) != "nccl":  # through host memory, as _gather
+            x.copy_(all_reduce(x.cpu(), group))
+        else:
+            dist.all_reduce(x, group=group)
     return x

@@ -38,14 +38,26 @@ from exactllm.models.loader import ModelSource, resolve_model
 TIMEOUT_S = 600.0  # a collective (or start-up) that waits longer than this fails
 
 
+SHARE_GPUS_ENV = "EXACTLLM_TP_SHARE_GPUS"
+
+
+def shares_gpus(device: str) -> bool:
+    """Whether ranks may share GPUs ($EXACTLLM_TP_SHARE_GPUS=1): rank r runs on GPU
+    r % device_count and collectives go over gloo through host memory. Slow; it exists to check
+    tensor-parallel bits (TP=4 == TP=1 with the GPU kernels) on a machine with fewer GPUs than
+    ranks. Off, more ranks than GPUs is an error."""
+    return torch.device(device).type == "cuda" and os.environ.get(SHARE_GPUS_ENV) == "1"
+
+
 def _backend(device: str) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" and not shares_gpus(device) else "gloo"
 
 
 def _rank_device(device: str, rank: int) -> str:
     if torch.device(device).type == "cuda":
-        torch.cuda.set_device(rank)
-        return f"cuda:{rank}"
+        gpu = rank % torch.cuda.device_count() if shares_gpus(device) else rank
+        torch.cuda.set_device(gpu)
+        return f"cuda:{gpu}"
     return device
 
 
@@ -108,9 +120,10 @@ class TPWorkerPool:
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialized in this process (another "
                                "tensor-parallel LLM is open?): close() it before starting a new one")
-        if torch.device(cfg.device).type == "cuda" and torch.cuda.device_count() < world:
-            raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; "
-                             f"{torch.cuda.device_count()} visible")
+        if torch.device(cfg.device).type == "cuda" and torch.cuda.device_count() < world and not shares_gpus(cfg.device):
+            raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; {torch.cuda.device_count()} "
+                             f"visible (set {SHARE_GPUS_ENV}=1 to place several ranks on one GPU, slowly, "
+                             f"to check bits)")
         self.world, self.broken, self.closed = world, False, False
         ctx = mp.get_context("spawn")
         port = free_port()
