@@ -16,6 +16,12 @@ found by an atomic counter, combines the splits' roots in split order) or across
 (``parts``: ``combine_partials`` finishes the tree in rank order).  Both are the same FP32
 additions as the in-program counter, so TP=1/2/4/8 and every split give identical bits.
 
+Quantized weights (QuantWeight: Q8_0, Q4_0, Q4_1) are read from their planes inside the leaf
+loop and each weight is dequantized in registers to x's dtype (q * d, + min for Q4_1, in FP32,
+then one rounding), so the bits are those of the same tree on ``W.dequantize(x.dtype)``: whole
+32-blocks per load where every chunk starts on a block (``_aligned``: TinyLlama's K=2048 and
+5632), else element by element.  TP shards (``QuantWeight.shard(dim=1)``) hold whole blocks.
+
 Nothing in the arithmetic depends on M: the tree is fixed by K, the chunk size BK by the tree
 (so every chunk boundary, hence every k16 MMA step, sits at the same K offsets), and the
 tile sizes BLOCK_M/BLOCK_N only choose which program computes an output element.  Tile
@@ -32,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from exactllm.formats.quant import QuantWeight
+from exactllm.kernels.matmul_triton import QCODES, _nibble_f32
 from exactllm.kernels.tree import combine_partials, k_pieces
 
 MAX_LEAF = 1024      # longest sequential leaf (elements of K)
@@ -157,23 +165,80 @@ def _drain(c, s0, s1, s2, s3, s4, s5, DEPTH: tl.constexpr):
 
 
 @triton.jit
-def _leaf_chunk(acc, x_rows, w_cols, stride_xk, stride_wk, m_ok, n_ok, rk, gl, c,
-                L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr, BK: tl.constexpr,
-                EVEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + the products of chunk ``c`` of leaf ``gl`` (of this rank's subtree)."""
+def _dequant_blocks(w_ptr, sc_ptr, mn_ptr, rn, n_ok, k0, k_end, stride_wn, stride_sn,
+                    QTYPE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Quantized weights [BK, BN] at K offsets k0 .. k0 + BK of the rows ``rn``, in float32 and K
+    order (k0 a multiple of 32; blocks at or past ``k_end``, a multiple of 32, read as 0): whole
+    blocks per load (16 bytes of nibbles or 32 int8), one scale per block.  The values are those
+    of QuantWeight.dequantize (q * d exact; Q4_1 adds min with one rounding)."""
+    NB: tl.constexpr = BK // 32
+    blk = k0 // 32 + tl.arange(0, NB)
+    bmask = (blk < k_end // 32)[:, None] & n_ok[None, :]                       # [NB, BN]
+    d = tl.load(sc_ptr + rn[None, :] * stride_sn + blk[:, None], mask=bmask, other=0.0).to(tl.float32)
+    rows = w_ptr + rn[None, None, :] * stride_wn
+    if QTYPE == 3:
+        q = tl.load(rows + (blk[:, None] * 32 + tl.arange(0, 32)[None, :])[:, :, None], mask=bmask[:, None, :],
+                    other=0)
+        return tl.reshape(q.to(tl.float32) * d[:, None, :], (BK, BN))
+    q = tl.load(rows + (blk[:, None] * 16 + tl.arange(0, 16)[None, :])[:, :, None], mask=bmask[:, None, :],
+                other=0).to(tl.int32)                                           # [NB, 16, BN]
+    lo = _nibble_f32(q & 15, QTYPE) * d[:, None, :]
+    hi = _nibble_f32(q >> 4, QTYPE) * d[:, None, :]
+    if QTYPE == 2:
+        mn = tl.load(mn_ptr + rn[None, :] * stride_sn + blk[:, None], mask=bmask, other=0.0).to(tl.float32)
+        lo += mn[:, None, :]
+        hi += mn[:, None, :]
+    # byte j of a block holds weight j (low nibble) and j + 16 (high): [NB, 2, 16, BN] is K order
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 3, 1, 2)), (BK, BN))
+
+
+@triton.jit
+def _dequant_elems(w_cols, sc_cols, mn_cols, k, b_mask, QTYPE: tl.constexpr):
+    """Quantized weights [BK, BN] at any K offsets ``k``, in float32: the values of
+    ``_dequant_blocks``, gathered element by element (trees whose chunks do not start on blocks)."""
+    blk = (k // 32)[:, None]
+    d = tl.load(sc_cols + blk, mask=b_mask, other=0.0).to(tl.float32)
+    if QTYPE == 3:
+        return tl.load(w_cols + k[:, None], mask=b_mask, other=0).to(tl.float32) * d
+    byte = tl.load(w_cols + (blk * 16 + (k % 16)[:, None]), mask=b_mask, other=0).to(tl.int32)
+    w = _nibble_f32((byte >> ((k // 16) % 2 * 4)[:, None]) & 15, QTYPE) * d
+    if QTYPE == 2:
+        w += tl.load(mn_cols + blk, mask=b_mask, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk, stride_sn,
+                m_ok, n_ok, rk, gl, c, L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr,
+                BK: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """acc + the products of chunk ``c`` of leaf ``gl`` (of this rank's subtree).  Quantized
+    weights (QTYPE 1..3, codes of matmul_triton.QCODES) are dequantized in registers to x's
+    dtype: by whole 32-blocks where every chunk starts on one (ALIGNED), else per element."""
     if EVEN:     # equal leaves, whole chunks: leaf gl starts at gl * LEAF
-        k = gl * LEAF + c * BK + rk
+        k0 = gl * LEAF + c * BK
+        k_end = k0 + BK
+        k = k0 + rk
         a_mask = m_ok[:, None]
         b_mask = n_ok[None, :]
     else:
         p = gl // NLP
         j = gl - p * NLP
-        k = p * L + j * LEAF + c * BK + rk
-        k_ok = k < p * L + tl.minimum((j + 1) * LEAF, L)
+        k0 = p * L + j * LEAF + c * BK
+        k_end = p * L + tl.minimum((j + 1) * LEAF, L)
+        k = k0 + rk
+        k_ok = k < k_end
         a_mask = m_ok[:, None] & k_ok[None, :]
         b_mask = n_ok[None, :] & k_ok[:, None]
     a = tl.load(x_rows + k[None, :] * stride_xk, mask=a_mask, other=0.0)
-    b = tl.load(w_cols + k[:, None] * stride_wk, mask=b_mask, other=0.0)
+    if QTYPE == 0:
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None] * stride_wk, mask=b_mask, other=0.0)
+    elif ALIGNED:
+        b = _dequant_blocks(w_ptr, sc_ptr, mn_ptr, rn, n_ok, k0, k_end, stride_wn, stride_sn,
+                            QTYPE, BK, BN).to(a.dtype)
+    else:
+        b = _dequant_elems(w_ptr + rn[None, :] * stride_wn, sc_ptr + rn[None, :] * stride_sn,
+                           mn_ptr + rn[None, :] * stride_sn, k, b_mask, QTYPE).to(a.dtype)
     if UPCAST:   # the interpreter's bf16 dot is broken (triton 3.9); bf16 -> fp32 is exact
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -189,13 +254,13 @@ def _round(v, out_ptr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _tbik_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
-                 stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_om, stride_on,
                  L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr,
                  LEAVES: tl.constexpr, DEPTH: tl.constexpr, SPLITS: tl.constexpr,
                  SPILL_TOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 UNROLL: tl.constexpr):
+                 UNROLL: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     split = pid % SPLITS
     tile = pid // SPLITS
@@ -212,7 +277,6 @@ def _tbik_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     m_ok = rm < M
     n_ok = rn < N
     x_rows = x_ptr + rm[:, None] * stride_xm
-    w_cols = w_ptr + rn[None, :] * stride_wn
     CPL: tl.constexpr = (LEAF + BK - 1) // BK      # chunks per leaf
     EVEN: tl.constexpr = (LEAF % BK == 0) and (L % LEAF == 0)
     PUSH_DEPTH: tl.constexpr = DEPTH - 1 if SPILL_TOP else DEPTH
@@ -223,8 +287,9 @@ def _tbik_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         for g in tl.static_range(LEAVES):
             acc = zero
             for c in range(CPL):
-                acc = _leaf_chunk(acc, x_rows, w_cols, stride_xk, stride_wk, m_ok, n_ok, rk,
-                                  split * LEAVES + g, c, L, LEAF, NLP, BK, EVEN, PREC, UPCAST)
+                acc = _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
+                                  stride_sn, m_ok, n_ok, rk, split * LEAVES + g, c, L, LEAF, NLP, BK, BN,
+                                  EVEN, PREC, UPCAST, QTYPE, ALIGNED)
             if g < LEAVES - 1:
                 top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
                 if SPILL_TOP:
@@ -235,8 +300,9 @@ def _tbik_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         for i in range(LEAVES * CPL):
             g = i // CPL                               # leaf within this program
             c = i - g * CPL                            # chunk within the leaf
-            acc = _leaf_chunk(acc, x_rows, w_cols, stride_xk, stride_wk, m_ok, n_ok, rk,
-                              split * LEAVES + g, c, L, LEAF, NLP, BK, EVEN, PREC, UPCAST)
+            acc = _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
+                              stride_sn, m_ok, n_ok, rk, split * LEAVES + g, c, L, LEAF, NLP, BK, BN,
+                              EVEN, PREC, UPCAST, QTYPE, ALIGNED)
             if (c == CPL - 1) & (g < LEAVES - 1):
                 top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
                 if SPILL_TOP:
@@ -319,8 +385,13 @@ def _dense(w, dtype):
     return w if isinstance(w, torch.Tensor) else w.dequantize(dtype)  # QuantWeight
 
 
+def _aligned(ts: TreeShape) -> bool:
+    """Every K chunk of the tree starts on a 32-block (quantized weights are then read by block)."""
+    return ts.piece_len % 32 == 0 and ts.leaf % 32 == 0 and ts.block_k % 32 == 0
+
+
 @functools.lru_cache(maxsize=4096)
-def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, interpret, max_leaf):
+def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, interpret, max_leaf, qtype):
     """Grid, kernel keywords and workspace shape of one call (cached: launch overhead;
     ``max_leaf`` is MAX_LEAF, a key only, so that changing the tree is never served stale)."""
     ts = tree_shape(K_local, parts)
@@ -337,23 +408,32 @@ def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, interpret, max_leaf)
     kw = dict(L=ts.piece_len, LEAF=ts.leaf, NLP=ts.leaves_per_piece, LEAVES=leaves, DEPTH=_levels(leaves),
               SPLITS=splits, SPILL_TOP=spill, BM=cfg.block_m, BN=cfg.block_n, BK=ts.block_k, GROUP_M=8,
               PREC="ieee" if fp32 else "tf32", UPCAST=interpret, UNROLL=cfg.unroll,
-              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+              QTYPE=QCODES[qtype], ALIGNED=_aligned(ts), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     ws_shape = (splits, M, N) if (splits > 1 or spill) else (1,)
     return (tiles * splits,), kw, ws_shape, splits > 1
 
 
 def _launch(x, w, parts, out_dtype, splits, config):
-    w = _dense(w, x.dtype)
-    if w.dtype != x.dtype:
-        raise TypeError(f"x is {x.dtype} but w is {w.dtype}")
     M, K_local = x.shape
     N = w.shape[0]
+    if isinstance(w, QuantWeight):
+        if w.shape[1] != K_local:
+            raise ValueError(f"x has K={K_local} but the weight {w.shape}")
+        qtype, qs, sc = w.qtype, w.qs, w.scale
+        mn = w.min if w.min is not None else sc
+        strides = (qs.stride(0), 1, sc.stride(0))
+    else:
+        if w.dtype != x.dtype:
+            raise TypeError(f"x is {x.dtype} but w is {w.dtype}")
+        qtype, qs, sc, mn = None, w, w, w
+        strides = (w.stride(0), w.stride(1), 0)
     grid, kw, ws_shape, counted = _plan(M, N, K_local, parts, x.dtype == torch.float32, splits, config,
-                                        _n_sm(x.device), os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF)
+                                        _n_sm(x.device), os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF,
+                                        qtype)
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
-    _tbik_kernel[grid](x, w, out, ws, _counters(x.device) if counted else ws, M, N,
-                       x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), **kw)
+    _tbik_kernel[grid](x, qs, sc, mn, out, ws, _counters(x.device) if counted else ws, M, N,
+                       x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1), **kw)
     return out
 
 
@@ -361,7 +441,8 @@ def tbik_matmul_partial(x_local: torch.Tensor, w_local, parts: int = 1, splits: 
                         config: "Config | None" = None) -> torch.Tensor:
     """This rank's subtree root (FP32 [M, N]) of x @ w.T where the global K is split into
     ``parts`` equal contiguous slices; x_local [M, K/parts], w_local [N, K/parts] (bf16, fp16 or
-    fp32; a QuantWeight is dequantized to x's dtype).  ``splits`` (programs per output tile)
+    fp32 in x's dtype, or a QuantWeight: Q4_0/Q4_1/Q8_0 planes read directly, each weight
+    dequantized in registers to x's dtype, so the bits equal those of the dequantized weight).  ``splits`` (programs per output tile)
     and ``config`` override the launch shape; no choice changes the bits."""
     return _launch(x_local, w_local, parts, torch.float32, splits, config)
 
@@ -383,7 +464,7 @@ def tbik_matmul_partial_ref(x_local: torch.Tensor, w_local, parts: int = 1, spli
     span, and the leaves are summed along the same tree.  Close to, not bit-equal to, the
     kernel (the order inside a leaf differs); ``splits`` and ``config`` have no effect."""
     x = x_local.float()
-    w = _dense(w_local, torch.float32).float()
+    w = _dense(w_local, x_local.dtype).float()   # a quantized weight as the kernel sees it
     ts = tree_shape(x.shape[1], parts)
     L, leaf = ts.piece_len, ts.leaf
     roots = []
