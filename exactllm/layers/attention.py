@@ -49,10 +49,15 @@ class Attention(nn.Module):
         return q, k
 
     def forward(self, x, positions, batch: AttnBatch, kv_cache, rope_tables):
+        return self.attend(self.ops.linear(x, self.qkv.value), positions, batch, kv_cache, rope_tables)
+
+    def attend(self, qkv, positions, batch: AttnBatch, kv_cache, rope_tables):
+        """Everything after the qkv projection (whose output is qkv [T, (heads + 2 kv_heads) * head_dim]):
+        the decoder layer computes it fused with its norm (Ops.norm_linear)."""
         ops = self.ops
-        t = x.shape[0]
+        t = qkv.shape[0]
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = ops.linear(x, self.qkv.value).split((q_width, kv_width, kv_width), dim=-1)
+        q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
         q = q.reshape(t, self.n_heads, self.head_dim)
         k = k.reshape(t, self.n_kv_heads, self.head_dim)
         v = v.reshape(t, self.n_kv_heads, self.head_dim)

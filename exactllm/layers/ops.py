@@ -6,8 +6,10 @@
   construction (elementwise products and pairwise adds in one fixed order); in batch_invariant,
   quantized linears use the fused C kernel at every M (its per-element order depends on K only).
 - CUDA: Triton kernels (kernels/*_triton.py, imported lazily so CPU-only installs never need
-  triton). fast: cuBLAS for dense linears, M-dependent tiles for quantized ones, unsplit prefill
-  attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
+  triton). fast: for up to GEMV_MAX_M rows of a dense 16-bit linear our GEMV (gemv_triton.py),
+  which also takes in the RMSNorm before it (norm_linear) and the SwiGLU before the down projection
+  (swiglu_linear); cuBLAS for the other dense linears, M-dependent tiles for quantized ones, unsplit
+  prefill attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
   with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode alike;
   RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
   tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py).
@@ -23,6 +25,11 @@ from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope, 
 from exactllm.layers.parallel import TPContext
 from exactllm.numerics import Numerics
 
+# Fast mode on CUDA: dense 16-bit linears of at most GEMV_MAX_M rows and GEMV_MAX_WEIGHT weight
+# elements run our GEMV (H100, bench/gemv_bf16.py: faster than cuBLAS there).
+GEMV_MAX_M = 8
+GEMV_MAX_WEIGHT = 1 << 25
+
 
 @dataclass(frozen=True)
 class Ops:
@@ -37,8 +44,17 @@ class Ops:
     def _cuda(self) -> bool:
         return self.device_type == "cuda"
 
+    def _gemv(self, x: torch.Tensor, w) -> bool:
+        """Whether x @ w.T runs our few-row GEMV (fast mode, CUDA, a dense weight of x's 16-bit dtype)."""
+        return (self._cuda and not self.numerics.invariant and isinstance(w, torch.Tensor)
+                and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+                and x.shape[0] <= GEMV_MAX_M and w.numel() <= GEMV_MAX_WEIGHT)
+
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
+        if self._gemv(x, w):
+            from exactllm.kernels import gemv_triton
+            return gemv_triton.gemv(x, w)
         if self._exact_cpu:
             if not self.numerics.tree and isinstance(w, QuantWeight) and cpu_qmatmul.available():
                 # The C kernel's arithmetic per output element is fixed by K alone (no split of K,
@@ -68,6 +84,27 @@ class Ops:
             from exactllm.kernels.tree import tree_matmul
             return tp.all_reduce(tree_matmul(x, w, out_dtype=torch.float32)).to(x.dtype)
         return tp.all_reduce(self.linear(x, w).float()).to(x.dtype)
+
+    def norm_linear(self, x, residual, norm_weight, eps, w):
+        """rmsnorm(x [+ residual]) @ w.T and the new residual stream (x itself when residual is None),
+        as ``rmsnorm`` then ``linear``; one kernel where our GEMV runs."""
+        if self._gemv(x, w):
+            from exactllm.kernels import gemv_triton
+            return gemv_triton.norm_gemv(x, residual, norm_weight, eps, w)
+        if residual is None:
+            return self.linear(self.rmsnorm(x, norm_weight, eps), w), x
+        h, residual = self.rmsnorm(x, norm_weight, eps, residual)
+        return self.linear(h, w), residual
+
+    def swiglu_linear(self, gate_up, w, tp: TPContext):
+        """Row-parallel down projection of silu(gate) * up, gate and up the two halves of gate_up;
+        one kernel where our GEMV runs (the halves are read as strided views, never copied)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if not self._gemv(gate, w):
+            return self.row_parallel_linear(self.silu_mul(gate, up), w, tp)
+        from exactllm.kernels import gemv_triton
+        y = gemv_triton.silu_gemv(gate, up, w)
+        return y if tp.world == 1 else tp.all_reduce(y.float()).to(y.dtype)
 
     def rmsnorm(self, x, weight, eps, residual=None):
         if self._exact_cpu:

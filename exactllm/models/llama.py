@@ -38,10 +38,13 @@ class MLP(nn.Module):
         self.down = Linear(shard_weight(weights[f"{prefix}.ffn_down.weight"], 1, tp))
 
     def forward(self, x):
-        ops = self.ops
-        gate, up = ops.linear(x, self.gate_up.value).chunk(2, dim=-1)  # strided views, no copies
-        h = ops.silu_mul(gate, up)
-        return ops.row_parallel_linear(h, self.down.value, self.tp)
+        return self.ops.swiglu_linear(self.ops.linear(x, self.gate_up.value), self.down.value, self.tp)
+
+    def forward_norm(self, x, residual, norm_weight, eps):
+        """forward(rmsnorm(x [+ residual])) with the norm fused into the gate/up projection where the
+        ops can (Ops.norm_linear); returns the output and the new residual stream."""
+        gate_up, residual = self.ops.norm_linear(x, residual, norm_weight, eps, self.gate_up.value)
+        return self.ops.swiglu_linear(gate_up, self.down.value, self.tp), residual
 
 
 class DecoderLayer(nn.Module):
@@ -55,12 +58,12 @@ class DecoderLayer(nn.Module):
         self.ffn = ffn_factory(weights, prefix, ops, tp)
 
     def forward(self, x, residual, positions, batch, kv_cache, rope_tables):
-        if residual is None:
-            residual = x
-            h = self.ops.rmsnorm(x, self.attn_norm, self.eps)
-        else:
-            h, residual = self.ops.rmsnorm(x, self.attn_norm, self.eps, residual)
-        h = self.attn(h, positions, batch, kv_cache, rope_tables)
+        """(layer output, residual stream); residual is None at the first layer (x is the stream).
+        Each RMSNorm goes with the projection after it (Ops.norm_linear: one kernel where it can)."""
+        qkv, residual = self.ops.norm_linear(x, residual, self.attn_norm, self.eps, self.attn.qkv.value)
+        h = self.attn.attend(qkv, positions, batch, kv_cache, rope_tables)
+        if isinstance(self.ffn, MLP):
+            return self.ffn.forward_norm(h, residual, self.ffn_norm, self.eps)
         h, residual = self.ops.rmsnorm(h, self.ffn_norm, self.eps, residual)
         return self.ffn(h), residual
 
