@@ -1,9 +1,10 @@
 """The OpenAI-compatible server, driven over loopback HTTP.
 
 Normal use goes through the official `openai` client; malformed requests through raw httpx.
-Most tests share one server over random:llama-mini (fast); one test serves the default
-SmolLM2 model and checks greedy results against LLM.generate; one runs `exactllm serve` in a
-subprocess to check the SIGTERM drain.
+Most tests share one server over random:llama-mini (fast; its engine process steps at least
+5 ms apart, see serve_process.slow_steps); tests look into its engine process with
+EngineClient.call (helpers in serve_process.py). test_server_process.py runs `exactllm serve`
+itself and the default model.
 
 References come from a second LLM over the same random weights. The server runs numerics
 "fast", so a reference could in principle differ from a server answer by a last-bit logit
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import threading
 import time
 
@@ -26,13 +26,15 @@ import pytest
 from exactllm import LLM, SamplingParams
 from exactllm.engine.llm_engine import RequestOutput
 from exactllm.server.app import create_app
-from exactllm.server.engine_loop import Admission, Event, merge_events
+from exactllm.server.engine_client import EngineClient, Event, merge_events
+from exactllm.server.engine_core import Admission, EngineCore, EngineSpec
 from exactllm.server.protocol import ChunkEncoder, chat_body, completion_body
 from exactllm.server.runner import ServerThread
-from serve_process import start_serve
+from serve_process import engine_state, fail_step, gone, set_window, slow_steps
 
 MINI = "random:llama-mini"
 KEY = "sk-test-7f3a9c"  # the mini server requires it
+KV_BLOCKS = 120          # 1920 KV slots: less than the 2048-token context, so the engine can refuse a request
 
 
 def token_str(tok, t: int) -> str:
@@ -41,12 +43,13 @@ def token_str(tok, t: int) -> str:
 
 @pytest.fixture(scope="module")
 def mini():
-    llm = LLM(MINI, max_num_seqs=16)
-    app = create_app(llm.engine, MINI, api_key=KEY, max_queue=16)
+    engine = EngineClient(EngineSpec(MINI, max_num_seqs=16, num_kv_blocks=KV_BLOCKS, setup=slow_steps), max_queue=16)
+    app = create_app(engine, MINI, api_key=KEY)
     with ServerThread(app) as srv:
-        srv.llm, srv.loop = llm, app.state.engine_loop
+        srv.engine = engine
         srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         yield srv
+    assert gone(engine.proc.pid, timeout=1)  # the app's shutdown stopped the engine process
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +72,15 @@ def metric(url: str, series: str) -> float:
 
 
 def wait_idle(srv, timeout=30.0):
-    """Until the engine holds no sequence and no KV block, and the server admits none."""
-    engine = srv.llm.engine
+    """Until the engine process holds no sequence and no KV block, and the server admits none."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (not engine.scheduler.running and not engine.scheduler.waiting and srv.loop.in_flight == 0
-                and engine.block_manager.usage() == 0.0):
+        state = srv.engine.call(engine_state)
+        if state["running"] == state["waiting"] == state["held"] == srv.engine.in_flight == 0 \
+                and state["kv_usage"] == 0.0:
             return
         time.sleep(0.05)
-    raise AssertionError(f"not idle: running={len(engine.scheduler.running)} waiting={len(engine.scheduler.waiting)} "
-                         f"in_flight={srv.loop.in_flight} kv={engine.block_manager.usage()}")
+    raise AssertionError(f"not idle: {state} in_flight={srv.engine.in_flight}")
 
 
 # ----------------------------------------------------------------------------- normal use
@@ -243,7 +245,7 @@ def test_api_key(mini, caplog):
 
 # ----------------------------------------------------------------------------- faults and load
 def test_stream_disconnect_aborts_and_frees_kv(mini):
-    engine = mini.llm.engine
+    """A client that goes away aborts its sequence in the engine process, which frees its KV blocks."""
     wait_idle(mini)
     aborted = metric(mini.url, 'exactllm_sequences_total{reason="abort"}')
     body = {**GOOD, "max_tokens": 1500, "ignore_eos": True, "stream": True, "logprobs": 0}
@@ -251,7 +253,8 @@ def test_stream_disconnect_aborts_and_frees_kv(mini):
         with client.stream("POST", mini.url + "/v1/completions", headers=headers(), json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            assert engine.block_manager.usage() > 0 and len(engine.scheduler.running) == 1
+            state = mini.engine.call(engine_state)
+            assert state["kv_usage"] > 0 and state["running"] == 1
         # leaving the block closes the connection mid-stream
     wait_idle(mini)
     assert metric(mini.url, 'exactllm_sequences_total{reason="abort"}') == aborted + 1
@@ -266,8 +269,8 @@ def test_stream_disconnect_aborts_and_frees_kv(mini):
 
 def test_queue_full_gets_429_and_draining_503(mini):
     wait_idle(mini)
-    old = mini.loop.max_in_flight
-    mini.loop.max_in_flight = 2
+    old = mini.engine.max_in_flight
+    mini.engine.max_in_flight = 2
     long = {**GOOD, "max_tokens": 1500, "ignore_eos": True, "stream": True}
     try:
         with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2:
@@ -284,30 +287,32 @@ def test_queue_full_gets_429_and_draining_503(mini):
                     mini.client.completions.create(model=MINI, prompt="hi", max_tokens=1)
                 assert metric(mini.url, "exactllm_queue_depth") == 2
     finally:
-        mini.loop.max_in_flight = old
+        mini.engine.max_in_flight = old
     wait_idle(mini)
-    mini.loop.draining = True
+    mini.engine.draining = True
     try:
         r = httpx.post(mini.url + "/v1/completions", headers=headers(), json=GOOD)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "error" in r.json()
         assert httpx.get(mini.url + "/health").status_code == 503
     finally:
-        mini.loop.draining = False
+        mini.engine.draining = False
     assert httpx.post(mini.url + "/v1/completions", headers=headers(), json=GOOD).status_code == 200
 
 
-def test_engine_fault_is_a_500_body_and_server_recovers(mini, monkeypatch):
-    engine = mini.llm.engine
-    real_step = engine.step
-    calls = {"n": 0}
+def test_engine_refusal_is_a_400(mini):
+    """A request the HTTP process lets through but the engine refuses when adding it (here: it
+    needs more KV slots than the cache has) is the client's 400, from across the process boundary."""
+    body = {**GOOD, "prompt": [7] * 1900, "max_tokens": 100}  # 2000 tokens: within the context, not the cache
+    r = httpx.post(mini.url + "/v1/completions", headers=headers(), json=body)
+    assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(mini.url + "/v1/completions", headers=headers(), json={**body, "max_tokens": 20}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20  # 1920 tokens fit
+    wait_idle(mini)
 
-    def flaky_step():
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated device fault")
-        return real_step()
 
-    monkeypatch.setattr(engine, "step", flaky_step)
+def test_engine_fault_is_a_500_body_and_server_recovers(mini):
+    mini.engine.call(fail_step, 1, "simulated device fault")
     r = httpx.post(mini.url + "/v1/completions", headers=headers(), json={**GOOD, "max_tokens": 5}, timeout=30)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert "simulated device fault" in r.json()["error"]["message"]
@@ -342,41 +347,64 @@ def test_chunk_encoder_is_the_chunk_body_as_json(usage_):
 def test_admission_window():
     assert Admission(graphs=False).window == 0.0  # no CUDA graphs: a prompt step costs no more for being alone
     auto = Admission(graphs=True, max_window=0.02)
+    auto.hold(0.0, first=True)
     assert auto.window == 0.0 and auto.due(0.0, busy=True)  # nothing measured yet
+    assert not auto.due(0.0, busy=False) and auto.due(0.002, busy=False)  # idle: arrivals paused for QUIET
     for t in (0.002, 0.003, 0.002):
         auto.observe(False, t)
     for t in (0.009, 0.008, 5.0):  # a compile-time outlier does not move the median
         auto.observe(True, t)
     assert auto.window == pytest.approx(0.009 - 0.002)
-    auto.first_held = 1.0
-    assert not auto.due(1.005, busy=True) and auto.due(1.008, busy=True) and auto.due(1.001, busy=False)
+    auto.hold(1.0, first=True)
+    assert not auto.due(1.005, busy=True) and auto.due(1.008, busy=True)
+    # An idle engine waits only for arrivals to pause (QUIET), at most the window from the first.
+    assert not auto.due(1.001, busy=False) and auto.due(1.0021, busy=False)
+    auto.hold(1.002, first=False)
+    auto.hold(1.004, first=False)
+    assert not auto.due(1.0055, busy=False) and auto.due(1.0061, busy=False)
+    auto.hold(1.019, first=False)
+    assert auto.wait(1.0195, busy=False) == pytest.approx(0.0005)  # max_window from the first ends first
+    assert auto.drain_steps() == 3  # decode steps (median 2 ms) in the window (7 ms)
     auto.observe(True, 1.0)
     auto.observe(True, 1.0)
-    assert auto.window == 0.02  # capped
+    assert auto.window == 0.02 and auto.drain_steps() == 10  # capped
+    assert Admission(60.0, graphs=False).drain_steps() == 0  # no graphs: no drain rule
+    zero = Admission(0.0, graphs=True)
+    zero.hold(0.0, first=True)
+    assert zero.due(0.0, busy=False) and zero.due(0.0, busy=True)  # window 0: at once
     assert Admission(0.5, graphs=False).window == 0.5
     assert auto.steps == {"prompt": [5, pytest.approx(7.017)], "decode": [3, pytest.approx(0.007)]}
 
 
+def test_held_requests_wait_for_a_batch_about_to_drain():
+    """While every running sequence ends within the window's decode steps, held requests wait for
+    the batch to drain (then start together) instead of becoming a second cohort."""
+    from types import SimpleNamespace as NS
+    running = [NS(params=NS(max_tokens=64), output_token_ids=[0] * 62)]
+    sched = NS(running=running, waiting=[])
+    engine = NS(runner=NS(graphs=object()), scheduler=sched, has_work=lambda: bool(sched.running))
+    core = EngineCore(engine, conn=None)
+    for mixed, t in ((False, 0.002), (True, 0.012)):  # window 10 ms: 5 decode steps
+        core.admission.observe(mixed, t)
+    core.admission.hold(time.monotonic() - 1.0, first=True)
+    assert not core._due()  # 2 tokens left: drain first
+    running.append(NS(params=NS(max_tokens=64), output_token_ids=[0] * 50))
+    assert core._due()      # one sequence has 14 left: join now
+    sched.waiting = [object()]
+    running.pop()
+    assert core._due()      # a prompt step is coming anyway
+    sched.running, sched.waiting = [], []
+    assert core._due()      # idle (arrivals paused long ago)
+
+
 def _post_async(url: str, prompt: str, out: dict) -> threading.Thread:
     def run():
-        out[prompt] = httpx.post(url + "/v1/completions", timeout=60,
+        out[prompt] = httpx.post(url + "/v1/completions", timeout=60, headers=headers(),
                                  json={"model": MINI, "prompt": prompt, "max_tokens": 4, "temperature": 0,
                                        "logprobs": 0}).json()
     t = threading.Thread(target=run)
     t.start()
     return t
-
-
-def slowed(llm: LLM, seconds: float = 0.005) -> LLM:
-    """Each engine step takes at least `seconds` more, so that a 1500-token request keeps decoding
-    (>= 7.5 s) for as long as a test needs it, however fast the machine runs the tiny model."""
-    step = llm.engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return step()
-    llm.engine.step = slow_step
-    return llm
 
 
 def until(cond, timeout=30.0):
@@ -386,57 +414,64 @@ def until(cond, timeout=30.0):
         time.sleep(0.002)
 
 
-def test_requests_arriving_during_decode_are_admitted_together(ref):
+LONG = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
+        "logprobs": 0}
+
+
+@pytest.mark.parametrize("window,prompt_steps", [(60.0, 2), (0.0, 4)])
+def test_requests_arriving_during_decode_are_admitted_together(mini, ref, window, prompt_steps):
     """With an admission window, requests that arrive one by one while another decodes are held,
     then their prompts are computed in one step; with none, each arrival costs a prompt step of
     its own. The answers are the same either way."""
     prompts = ["late one", "late two", "late three"]
     want = ref.generate(prompts, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
-    long = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
-            "logprobs": 0}
-    for window, prompt_steps in ((60.0, 2), (0.0, 4)):
-        llm = slowed(LLM(MINI, max_num_seqs=16))
-        app = create_app(llm.engine, MINI, admission_window=window)
-        loop, answers, threads = app.state.engine_loop, {}, []
-        with ServerThread(app) as srv, httpx.Client(timeout=60) as client:
-            with client.stream("POST", srv.url + "/v1/completions", json=long) as r:
-                lines = (line for line in r.iter_lines() if line.startswith("data: {"))
-                next(lines)
-                for i, p in enumerate(prompts):
-                    threads.append(_post_async(srv.url, p, answers))
-                    if window:  # arrivals at different steps, all held while the long request decodes
-                        until(lambda: len(loop._held) == i + 1)
-                        for _ in range(3):
-                            next(lines)
-                    else:
-                        threads[-1].join()
-                if window:
-                    loop.admission.fixed = 0.0  # the window ends: all three go in at the next step
-                for t in threads:
-                    t.join()
-                assert len(llm.engine.scheduler.running) == 1  # the long one still decodes
-            assert loop.admission.steps["prompt"][0] == prompt_steps
-        for p, w in zip(prompts, want):
-            assert answers[p]["choices"][0]["logprobs"]["tokens"] == [token_str(ref.tokenizer, t) for t in w.token_ids]
+    wait_idle(mini)
+    mini.engine.call(set_window, window)
+    before = mini.engine.call(engine_state)["prompt_steps"]
+    answers, threads = {}, []
+    try:
+        with httpx.Client(timeout=60) as client, \
+                client.stream("POST", mini.url + "/v1/completions", headers=headers(), json=LONG) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+            next(lines)
+            for i, p in enumerate(prompts):
+                threads.append(_post_async(mini.url, p, answers))
+                if window:  # arrivals at different steps, all held while the long request decodes
+                    until(lambda: mini.engine.call(engine_state)["held"] == i + 1)
+                    for _ in range(3):
+                        next(lines)
+                else:
+                    threads[-1].join()
+            if window:
+                mini.engine.call(set_window, 0.0)  # the window ends: all three go in at the next step
+            for t in threads:
+                t.join()
+            state = mini.engine.call(engine_state)
+            assert state["running"] == 1  # the long one still decodes
+            assert state["prompt_steps"] - before == prompt_steps
+    finally:
+        mini.engine.call(set_window, None)
+    for p, w in zip(prompts, want):
+        assert answers[p]["choices"][0]["logprobs"]["tokens"] == [token_str(ref.tokenizer, t) for t in w.token_ids]
 
 
-def test_held_request_is_admitted_when_the_window_ends(ref):
+def test_held_request_is_admitted_when_the_window_ends(mini, ref):
     want = ref.generate(["short"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
-    llm = slowed(LLM(MINI, max_num_seqs=16))
-    app = create_app(llm.engine, MINI, admission_window=0.2)
-    engine = llm.engine
-    long = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True,
-            "logprobs": 0}
-    with ServerThread(app) as srv, httpx.Client(timeout=60) as client:
-        with client.stream("POST", srv.url + "/v1/completions", json=long) as r:
+    wait_idle(mini)
+    mini.engine.call(set_window, 0.2)
+    try:
+        with httpx.Client(timeout=60) as client, \
+                client.stream("POST", mini.url + "/v1/completions", headers=headers(), json=LONG) as r:
             lines = r.iter_lines()  # kept: a dropped iterator closes the response
             next(lines)
             t0 = time.monotonic()
-            got = httpx.post(srv.url + "/v1/completions", timeout=60,
+            got = httpx.post(mini.url + "/v1/completions", timeout=60, headers=headers(),
                              json={"model": MINI, "prompt": "short", "max_tokens": 4, "temperature": 0}).json()
             assert time.monotonic() - t0 >= 0.2
-            assert len(engine.scheduler.running) == 1  # the long request is still decoding
-        assert got["choices"][0]["text"] == want.text
+            assert mini.engine.call(engine_state)["running"] == 1  # the long request is still decoding
+    finally:
+        mini.engine.call(set_window, None)
+    assert got["choices"][0]["text"] == want.text
 
 
 def test_stream_behind_the_engine_gets_merged_chunks(mini, ref):
@@ -450,7 +485,7 @@ def test_stream_behind_the_engine_gets_merged_chunks(mini, ref):
             client.stream("POST", mini.url + "/v1/completions", headers=headers(), json=body) as r:
         data = (line for line in r.iter_lines() if line.startswith("data: {"))
         lines = [next(data)]
-        mini.loop._loop.call_soon_threadsafe(time.sleep, 0.5)  # stall the event loop; the engine goes on
+        mini.engine._loop.call_soon_threadsafe(time.sleep, 0.5)  # stall the event loop; the engine goes on
         lines += list(data)
     chunks = [json.loads(line[6:])["choices"][0] for line in lines]
     assert max(len(c["logprobs"]["tokens"]) for c in chunks) > 1
@@ -460,60 +495,3 @@ def test_stream_behind_the_engine_gets_merged_chunks(mini, ref):
     assert chunks[-1]["finish_reason"] == "length"
     text = httpx.get(mini.url + "/metrics").text
     assert 'exactllm_engine_steps_total{kind="decode"}' in text and "exactllm_admission_window_seconds 0" in text
-
-
-def test_sigterm_drains_in_flight_stream():
-    proc, url = start_serve("--model", MINI)
-    try:
-        body = {"model": MINI, "prompt": "drain me", "max_tokens": 48, "ignore_eos": True, "temperature": 0,
-                "logprobs": 0, "stream": True}
-        tokens, done, termed = 0, False, False
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if not line:
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                tokens += len(chunk["choices"][0]["logprobs"]["tokens"])
-                if not termed:
-                    proc.send_signal(signal.SIGTERM)
-                    termed = True
-                    time.sleep(0.3)
-                    with pytest.raises(httpx.TransportError):  # no new connections while draining
-                        httpx.get(url + "/health", timeout=2)
-        assert done and tokens == 48
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-# ----------------------------------------------------------------------------- default model
-def test_default_model_greedy_equals_llm_generate():
-    """Real text (BPE, multi-byte pieces, stop strings) through the server equals LLM.generate."""
-    llm = LLM()
-    prompt = "The capital of France is"
-    want = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
-    assert want.text.strip()
-    from exactllm.server.runner import served_model_name
-    name = served_model_name(None)
-    app = create_app(llm.engine, name)
-    with ServerThread(app) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        r = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
-        assert r.choices[0].text == want.text
-        assert r.choices[0].logprobs.token_logprobs == want.logprobs
-        # Streaming with a stop string that straddles the 3rd/4th token boundary: the stream
-        # must hold back the 3rd token's last character until it knows whether the stop string
-        # completes, never show any part of it, and agree with the engine's own cut.
-        b = len(llm.tokenizer.decode(want.token_ids[:3]))
-        stop = want.text[b - 1:b + 1]
-        cut = want.text[:want.text.find(stop)]
-        pieces = [(ch.choices[0].text, ch.choices[0].finish_reason)
-                  for ch in client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0,
-                                                      stop=[stop], stream=True)]
-        assert "".join(p for p, _ in pieces) == cut
-        assert pieces[-1][1] == "stop"

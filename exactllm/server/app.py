@@ -21,8 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exactllm.engine.llm_engine import LLMEngine, RequestOutput
-from exactllm.server.engine_loop import Draining, EngineLoop, Event, GenRequest, Overloaded, merge_events
+from exactllm.engine.llm_engine import RequestOutput
+from exactllm.server.engine_client import Draining, EngineClient, Event, GenRequest, Overloaded, merge_events
 from exactllm.server.metrics import ServerMetrics
 from exactllm.server.protocol import (APIError, ChatCompletionRequest, ChunkEncoder, CompletionRequest, chat_body,
                                       chat_logprobs, completion_body, completion_logprobs, new_id, now, usage)
@@ -55,34 +55,32 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None, max_queue: int = 256,
-               aliases: tuple[str, ...] = (), admission_window: float | None = None) -> FastAPI:
-    """max_queue: sequences admitted beyond the engine's max_num_seqs before new ones get 429.
-    admission_window: seconds new requests may wait to be added together while the engine
-    decodes (engine_loop.Admission; None: automatic)."""
-    loop = EngineLoop(engine, engine.cfg.max_num_seqs + max_queue, admission_window=admission_window)
-    sched = engine.scheduler
-    metrics = ServerMetrics(queue_depth=lambda: loop.in_flight, running=lambda: len(sched.running),
-                            waiting=lambda: len(sched.waiting), kv_usage=engine.block_manager.usage,
-                            prompt_tokens=lambda: engine.stats["prompt_tokens"],
-                            generation_tokens=lambda: engine.stats["generation_tokens"],
-                            engine_steps=lambda: loop.admission.steps, admission_window=lambda: loop.admission.window)
-    loop.on_events = lambda batch: _observe(metrics, batch)
+def create_app(client: EngineClient, model_name: str, *, api_key: str | None = None,
+               aliases: tuple[str, ...] = ()) -> FastAPI:
+    """client: the engine process (engine_client.py); the app's lifespan attaches it to the
+    event loop and closes it (stopping the engine process) at shutdown."""
+    stats = lambda key: lambda: client.stats[key]  # noqa: E731  (the engine's last report)
+    metrics = ServerMetrics(queue_depth=lambda: client.in_flight, running=stats("running"),
+                            waiting=stats("waiting"), kv_usage=stats("kv_usage"),
+                            prompt_tokens=stats("prompt_tokens"), generation_tokens=stats("generation_tokens"),
+                            engine_steps=stats("steps"), admission_window=stats("admission_window"))
+    client.on_events = lambda batch: _observe(metrics, batch)
     names = {model_name, *aliases}
-    tok = engine.tokenizer
+    tok = client.tokenizer
     created = now()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        loop.start(asyncio.get_running_loop())
+        client.attach(asyncio.get_running_loop())
         try:
             yield
         finally:
-            loop.draining = True
-            await asyncio.to_thread(loop.stop)
+            client.draining = True
+            client.detach()
+            await asyncio.to_thread(client.close)
 
     app = FastAPI(title="exactllm", lifespan=lifespan)
-    app.state.engine_loop, app.state.metrics = loop, metrics
+    app.state.engine, app.state.metrics = client, metrics
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -129,7 +127,7 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
 
     def admit(n: int, endpoint: str) -> None:
         try:
-            loop.admit(n)
+            client.admit(n)
         except Overloaded:
             metrics.requests.inc(endpoint=endpoint, outcome="rejected")
             raise APIError(429, "the server is at capacity; retry later", type="server_overloaded",
@@ -143,16 +141,30 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
         for g in gens:
             if not g.done:
                 metrics.sequences.inc(reason="abort")
-                loop.abort(g)
+                client.abort(g)
 
-    async def start(gens: list[GenRequest], queue: asyncio.Queue, endpoint: str) -> tuple[list[Event], int]:
-        """Submit every sequence and wait until the engine accepted all of them.
+    def encode(prompt, max_tokens: int | None, endpoint: str) -> list[int]:
+        """Prompt ids, checked against the context here rather than in the engine process."""
+        try:
+            ids = client.encode(prompt)
+            limit = client.max_model_len
+            if len(ids) >= limit:
+                raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens")
+            if max_tokens is not None and len(ids) + max_tokens > limit:
+                raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                                 f"this model's context of {limit} tokens")
+        except ValueError as exc:
+            metrics.requests.inc(endpoint=endpoint, outcome="invalid")
+            raise APIError(400, str(exc), param="prompt") from None
+        return ids
 
-        Returns events that arrived meanwhile and the prompt-token total (n choices of one
-        prompt count it once, as OpenAI bills it)."""
+    async def start(gens: list[GenRequest], queue: asyncio.Queue, endpoint: str) -> list[Event]:
+        """Submit every sequence and wait until the engine accepted all of them (an error the
+        engine raises when adding one, e.g. a KV cache too small, is the HTTP call's error).
+        Returns events that arrived meanwhile."""
         for g in gens:
-            loop.submit(g)
-        pending, accepted, prompt_tokens = [], 0, 0
+            client.submit(g)
+        pending, accepted = [], 0
         try:
             while accepted < len(gens):
                 ev = await queue.get()
@@ -161,7 +173,6 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
                                    type="invalid_request_error" if ev.error[0] < 500 else "server_error")
                 if ev.accepted:
                     accepted += 1
-                    prompt_tokens += ev.prompt_tokens if ev.index % gens[0].n_choices == 0 else 0
                 else:
                     pending.append(ev)
         except BaseException as exc:
@@ -169,20 +180,25 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
             outcome = "invalid" if isinstance(exc, APIError) and exc.status < 500 else "error"
             metrics.requests.inc(endpoint=endpoint, outcome=outcome)
             raise
-        return pending, prompt_tokens
+        return pending
 
     async def generate(body, prompts: list, endpoint: str, want_logprobs: bool,
                        max_tokens_default: int | None):
+        """Returns (sequences, their event queue, early events, prompt tokens): n choices of one
+        prompt count its tokens once, as OpenAI bills them."""
         n = body.n
-        gens, queue = [], asyncio.Queue()
+        gens, queue, prompt_tokens = [], asyncio.Queue(), 0
         for i, prompt in enumerate(prompts):
+            max_tokens = body.max_tokens if body.max_tokens is not None else max_tokens_default
+            ids = encode(prompt, max_tokens, endpoint)
+            prompt_tokens += len(ids)
             for j in range(n):
-                params, max_tokens = body.sampling_params(max_tokens_default, want_logprobs)
+                params = body.sampling_params(max_tokens or client.max_model_len - len(ids), want_logprobs)
                 if params.seed is not None:
                     params.seed += j  # n choices with one seed must still differ
-                gens.append(GenRequest(i * n + j, prompt, params, max_tokens, body.stream, queue, n_choices=n))
+                gens.append(GenRequest(i * n + j, prompt, ids, params, body.stream, queue, n_choices=n))
         admit(len(gens), endpoint)
-        pending, prompt_tokens = await start(gens, queue, endpoint)
+        pending = await start(gens, queue, endpoint)
         return gens, queue, pending, prompt_tokens
 
     async def collect(raw: Request, gens, queue, pending, endpoint: str) -> list[RequestOutput] | None:
@@ -256,9 +272,10 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
     # ---------------------------------------------------------------- routes
     @app.get("/health")
     async def health():
-        if not loop.alive:
-            return JSONResponse({"status": "error", "detail": "engine thread is not running"}, status_code=503)
-        if loop.draining:
+        if not client.alive:
+            return JSONResponse({"status": "error", "detail": client.failed or "the engine process is not running"},
+                                status_code=503)
+        if client.draining:
             return JSONResponse({"status": "draining"}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         return {"status": "ok"}
@@ -270,7 +287,7 @@ def create_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                             "owned_by": "exactllm", "max_model_len": engine.max_model_len}]}
+                                             "owned_by": "exactllm", "max_model_len": client.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,8 +35,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish after SIGTERM")
     p.add_argument("--switch-interval-ms", type=float, default=0.05,
-                   help="Python's thread switch interval (sys.setswitchinterval): how long the engine thread "
-                        "may wait for the interpreter while the HTTP event loop is busy")
+                   help="the HTTP process's thread switch interval (sys.setswitchinterval): how long a "
+                        "command for the engine process may wait for the interpreter while the event loop is busy")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -46,12 +45,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from exactllm import LLM
     from exactllm.server.app import create_app
+    from exactllm.server.engine_client import EngineClient, EngineStartError
+    from exactllm.server.engine_core import EngineSpec
     from exactllm.server.runner import DrainingServer, served_model_name
 
-    # Until uvicorn takes over the signals (while the model loads), SIGTERM exits at once; after a
-    # drain uvicorn re-raises the signal it handled, which must then not turn into an error exit.
+    # Until uvicorn takes over the signals (while the engine process starts), SIGTERM exits at
+    # once (the engine process follows); after a drain uvicorn re-raises the signal it handled,
+    # which must then not turn into an error exit.
     holder = {}
 
     def on_term(sig, frame):
@@ -60,30 +61,30 @@ def cmd_serve(args) -> int:
             raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, on_term)
-    # The engine thread gives up the GIL around every torch call and kernel launch (hundreds in an
-    # eager prompt step) and must win it back from the event loop each time; while the loop is
-    # busy, each time costs up to the switch interval: at 0.5 ms an H100 prompt step under 64
-    # streams took ~290 ms instead of ~25 (bench/server_load.py, 2026-11-23).
+    # The thread that writes commands to the engine process needs the interpreter while the event
+    # loop parses requests; at Python's default 5 ms an arrival could wait that long to be sent.
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, numerics=args.numerics,
-              tensor_parallel_size=args.tp,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
-    t0 = time.perf_counter()  # capture every decode bucket before the first request, not during one
-    done = llm.engine.runner.capture_graphs(args.max_num_seqs)
-    if done:
-        logging.getLogger("exactllm.serve").info("captured %d decode CUDA graphs (batch %s) in %.1f s",
-                                                 len(done), ",".join(map(str, done)), time.perf_counter() - t0)
+    window = None if args.admission_window_ms is None else args.admission_window_ms / 1e3
+    spec = EngineSpec(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, numerics=args.numerics,
+                      tp=args.tp, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                      admission_window=window, log_level=args.log_level)
+    try:
+        client = EngineClient(spec, max_queue=args.max_queue)
+    except EngineStartError as exc:
+        print(f"exactllm serve: the engine could not start: {exc}", file=sys.stderr, flush=True)
+        return 1
     name = args.served_model_name or served_model_name(args.model)
     aliases = (args.model,) if args.model and args.model != name else ()
-    window = None if args.admission_window_ms is None else args.admission_window_ms / 1e3
-    app = create_app(llm.engine, name, api_key=args.api_key, max_queue=args.max_queue, aliases=aliases,
-                     admission_window=window)
+    app = create_app(client, name, api_key=args.api_key, aliases=aliases)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
     print(f"exactllm: serving '{name}' on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
     holder["server"] = server = DrainingServer(config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        client.close()
     return 0

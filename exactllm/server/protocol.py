@@ -64,14 +64,13 @@ class _Sampling(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return stops
 
-    def sampling_params(self, max_tokens_default: int | None, want_logprobs: bool) -> tuple[SamplingParams, int | None]:
-        """(params, max_tokens or None for "up to the context"); the engine thread fills in None."""
-        max_tokens = self.max_tokens if self.max_tokens is not None else max_tokens_default
-        params = SamplingParams(max_tokens=max_tokens or 1, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p, seed=self.seed, stop=list(self.stop or []),
-                                stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
-                                logprobs=want_logprobs)
-        return params, max_tokens
+    def sampling_params(self, max_tokens: int, want_logprobs: bool) -> SamplingParams:
+        """max_tokens: resolved by the caller (the request's, an endpoint default, or what the
+        context leaves after the prompt)."""
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=self.seed, stop=list(self.stop or []),
+                              stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
+                              logprobs=want_logprobs)
 
     @property
     def include_usage(self) -> bool:

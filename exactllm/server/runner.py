@@ -12,7 +12,7 @@ import uvicorn
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, uvicorn stops accepting connections and waits for in-flight
-    responses (streams included) to finish; we also mark the engine loop as draining so a
+    responses (streams included) to finish; we also mark the engine client as draining so a
     request arriving on a still-open keep-alive connection gets 503 + Retry-After."""
 
     def handle_exit(self, sig, frame) -> None:
@@ -21,9 +21,9 @@ class DrainingServer(uvicorn.Server):
 
     def drain(self) -> None:
         app = self.config.app
-        loop = getattr(getattr(app, "state", None), "engine_loop", None)
-        if loop is not None:
-            loop.draining = True
+        client = getattr(getattr(app, "state", None), "engine", None)
+        if client is not None:
+            client.draining = True
 
 
 def served_model_name(model: str | None) -> str:

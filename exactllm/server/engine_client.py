@@ -1,0 +1,324 @@
+"""The HTTP process's handle on the engine process (engine_core.py).
+
+    client = EngineClient(EngineSpec(model=...), max_queue=256)  # spawns it, waits until ready
+    app = create_app(client, name)                                # its lifespan attaches and closes it
+
+HTTP handlers post commands (add, abort) that a sender thread writes to the pipe in batches;
+the event loop reads the engine's messages (one per engine step) as the pipe becomes readable
+and turns them into Events on the asyncio.Queue of each HTTP call. Streaming text is decoded
+here, not in the engine process, so that its step loop does no work a client could wait on.
+
+Admission is bounded: at most ``max_in_flight`` sequences may be admitted and unfinished;
+beyond that the front end refuses with 429, so memory does not grow with offered load.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.util
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from exactllm.engine.llm_engine import RequestOutput
+from exactllm.sampling_params import SamplingParams
+from exactllm.server.engine_core import EngineSpec, core_main
+
+log = logging.getLogger("exactllm.server")
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not build its engine (bad model path, out of memory, ...)."""
+
+
+class Overloaded(Exception):
+    """The admission limit is reached (answered 429 with Retry-After)."""
+
+
+class Draining(Exception):
+    """The server is shutting down (answered 503 with Retry-After)."""
+
+
+@dataclass
+class Event:
+    """What one engine step produced for one sequence (or why it failed)."""
+    index: int                          # choice index within the HTTP call
+    text: str = ""                      # new text that is safe to show (streaming only)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    output: RequestOutput | None = None  # set on the final event
+    accepted: bool = False
+    error: tuple[int, str] | None = None  # (HTTP status, message)
+    time: float = 0.0                   # perf_counter when this process received it
+
+
+def merge_events(events: list[Event]) -> list[Event]:
+    """Join the events of each choice into one, in order of first appearance: text, token ids
+    and log-probs concatenated, the last event's finish, output and time kept. Streaming sends
+    what is queued as one chunk per choice, so when the client or the event loop falls behind
+    the engine it gets fewer, larger chunks instead of a growing backlog of one-token ones."""
+    merged: dict[int, Event] = {}
+    for ev in events:
+        m = merged.get(ev.index)
+        if m is None:
+            merged[ev.index] = ev
+            continue
+        merged[ev.index] = Event(ev.index, m.text + ev.text, m.token_ids + ev.token_ids, m.logprobs + ev.logprobs,
+                                 ev.finish_reason, ev.output, time=ev.time)
+    return list(merged.values())
+
+
+@dataclass
+class GenRequest:
+    """One sequence to generate, as the HTTP process tracks it."""
+    index: int
+    prompt: "str | list[int]"
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    events: asyncio.Queue
+    n_choices: int = 1                  # choices per prompt in this HTTP call
+    arrival: float = field(default_factory=time.perf_counter)
+    rid: int = -1
+    done: bool = False
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    detok: object = None
+    decoded: str = ""                   # text decoded so far (streaming)
+    sent: str = ""                      # text already sent (a prefix of decoded)
+    last_token_time: float | None = None
+
+
+class EngineClient:
+    def __init__(self, spec: EngineSpec, max_queue: int = 256, start_timeout: float = 1800.0):
+        """Spawn the engine process and wait until it is ready; EngineStartError if it cannot
+        start. max_queue: sequences admitted beyond the engine's max_num_seqs before 429."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked; nor can torch's thread pools
+        self._conn, theirs = ctx.Pipe()
+        # Not a daemon: with --tp the engine process starts worker processes of its own.
+        self.proc = ctx.Process(target=core_main, args=(spec, theirs, os.getpid()), name="exactllm-engine")
+        self.proc.start()
+        theirs.close()
+        # Runs at interpreter exit before multiprocessing joins its children (exitpriority >= 0).
+        self._finalizer = multiprocessing.util.Finalize(self, _stop_process, args=(self.proc, self._conn),
+                                                        exitpriority=10)
+        kind, info = self._handshake(start_timeout)
+        if kind != "ready":
+            self.close()
+            raise EngineStartError(info)
+        self.tokenizer, self.max_model_len, self.vocab = info["tokenizer"], info["max_model_len"], info["vocab"]
+        self.max_in_flight = info["max_num_seqs"] + max_queue
+        self.stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
+                      "steps": {}, "admission_window": 0.0}
+        self.in_flight = 0          # admitted, unfinished sequences
+        self.draining = False
+        self.failed: str | None = None
+        self.on_events = None       # metrics hook: on_events([(GenRequest, Event)])
+        self._reqs: dict[int, GenRequest] = {}
+        self._rids = itertools.count()
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="exactllm-engine-send", daemon=True)
+        self._sender.start()
+
+    def _handshake(self, timeout: float) -> tuple[str, object]:
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.5):
+            if not self.proc.is_alive():
+                return "failed", f"the engine process exited with status {self.proc.exitcode} while starting"
+            if time.monotonic() > deadline:
+                return "failed", f"the engine process did not start within {timeout:.0f} s"
+        try:
+            return self._conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            return "failed", f"the engine process exited with status {self.proc.exitcode} while starting"
+
+    # ------------------------------------------------------------ lifetime
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start reading the engine's messages on this event loop."""
+        self._loop = loop
+        loop.add_reader(self._conn.fileno(), self._on_readable)
+
+    def detach(self) -> None:
+        """Stop reading on the event loop (from its thread)."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+            self._loop = None
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the engine process (aborting what runs) and wait for it; idempotent. Call
+        detach() first if attached."""
+        if hasattr(self, "_outbox"):
+            self._outbox.put(("stop",))
+            self._sender.join(timeout)
+        self.proc.join(timeout)
+        self._finalizer()
+
+    @property
+    def alive(self) -> bool:
+        return self.failed is None and self.proc.is_alive()
+
+    # ------------------------------------------------------------ requests (event-loop thread)
+    def encode(self, prompt: "str | list[int]") -> list[int]:
+        """Prompt token ids; ValueError for ids outside the vocabulary or an empty prompt."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif prompt and all(isinstance(t, int) and 0 <= t < self.vocab for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt token ids must be a non-empty list of ints in [0, {self.vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def admit(self, n: int) -> None:
+        """Reserve n sequence slots or raise Draining / Overloaded."""
+        if self.draining or self.failed is not None:
+            raise Draining()
+        if self.in_flight + n > self.max_in_flight:
+            raise Overloaded()
+        self.in_flight += n
+
+    def submit(self, req: GenRequest) -> None:
+        req.rid = next(self._rids)
+        self._reqs[req.rid] = req
+        if req.stream:
+            req.detok = self.tokenizer.stream()
+        self._outbox.put(("add", req.rid, req.prompt_ids, req.params))
+
+    def abort(self, req: GenRequest) -> None:
+        """Cancel a sequence (client went away, or a sibling choice failed); idempotent."""
+        if not req.done:
+            self._release(req)
+            self._outbox.put(("abort", req.rid))
+
+    def _release(self, req: GenRequest) -> None:
+        req.done = True
+        self.in_flight -= 1
+        self._reqs.pop(req.rid, None)
+
+    # ------------------------------------------------------------ inspection (tests; any other thread)
+    def call(self, fn, *args, timeout: float = 60.0):
+        """fn(core, *args) in the engine process (core: engine_core.EngineCore), between steps;
+        fn and its result must pickle. Not from the event-loop thread (it reads the reply)."""
+        fut = concurrent.futures.Future()
+        call_id = id(fut)
+        self._calls[call_id] = fut
+        self._outbox.put(("call", call_id, fn, args))
+        ok, value = fut.result(timeout)
+        if not ok:
+            raise RuntimeError(f"engine call failed: {value}")
+        return value
+
+    # ------------------------------------------------------------ the pipe
+    def _send_loop(self) -> None:
+        """Write queued commands, all that are waiting in one message, so that the event loop
+        never blocks on a full pipe (the engine reads between steps)."""
+        while True:
+            batch = [self._outbox.get()]
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._conn.send(batch)
+            except (OSError, ValueError):
+                return
+            if batch[-1][0] == "stop":
+                return
+
+    def _on_readable(self) -> None:
+        try:
+            while True:
+                self._handle(self._conn.recv())
+                if not self._conn.poll(0):
+                    return
+        except (EOFError, OSError):
+            self._engine_died()
+
+    def _handle(self, msg) -> None:
+        if msg[0] == "reply":
+            fut = self._calls.pop(msg[1], None)
+            if fut is not None:
+                fut.set_result((msg[2], msg[3]))
+            return
+        _, events, self.stats = msg
+        now = time.perf_counter()
+        delivered = []
+        for e in events:
+            req = self._reqs.get(e[1])
+            if req is None:  # aborted here already: late events are dropped
+                continue
+            if e[0] == "t":
+                ev = self._tokens(req, *e[2:], now)
+            elif e[0] == "a":
+                ev = Event(req.index, accepted=True, time=now)
+            else:
+                ev = Event(req.index, error=(e[2], e[3]), time=now)
+            if ev.error is not None or ev.output is not None:
+                self._release(req)
+            req.events.put_nowait(ev)
+            delivered.append((req, ev))
+        if self.on_events is not None and delivered:
+            self.on_events(delivered)
+
+    def _tokens(self, req: GenRequest, toks: list[int], lps: list[float] | None, finish: str | None,
+                final: str | None, now: float) -> Event:
+        """The event for a sequence's new tokens: text that cannot still turn out to be part of
+        a stop string, and the final output when it finished."""
+        lps = lps or []
+        ev = Event(req.index, token_ids=toks, logprobs=lps, finish_reason=finish, time=now)
+        req.token_ids += toks
+        req.logprobs += lps
+        if req.stream:
+            for t in toks:
+                req.decoded += req.detok.push(t)
+            if finish is not None:
+                # The engine's text is authoritative (stop strings cut, held-back bytes settled).
+                ev.text = final[len(req.sent):] if final.startswith(req.sent) else ""
+            else:
+                hold = max((len(s) for s in req.params.stop), default=1) - 1
+                ev.text = req.decoded[len(req.sent):max(len(req.sent), len(req.decoded) - hold)]
+            req.sent += ev.text
+        if finish is not None:
+            ev.output = RequestOutput(req.rid, req.prompt if isinstance(req.prompt, str) else None,
+                                      req.prompt_ids, final, req.token_ids, req.logprobs, finish)
+        return ev
+
+    def _engine_died(self) -> None:
+        """The pipe closed under us: fail every request; /health reports it from now on."""
+        self.detach()
+        self.proc.join(5)
+        self.failed = f"the engine process exited (status {self.proc.exitcode})"
+        log.error("%s", self.failed)
+        batch = []
+        for req in list(self._reqs.values()):
+            ev = Event(req.index, error=(500, f"engine error: {self.failed}"), time=time.perf_counter())
+            self._release(req)
+            req.events.put_nowait(ev)
+            batch.append((req, ev))
+        for fut in self._calls.values():
+            fut.set_result((False, self.failed))
+        if self.on_events is not None and batch:
+            self.on_events(batch)
+
+
+def _stop_process(proc, conn) -> None:
+    """Last resort (finalizer, interpreter exit): the engine process must not outlive us."""
+    conn.close()  # the engine sees EOF and exits (unless it is still loading)
+    proc.join(2)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()

@@ -1,0 +1,303 @@
+"""The engine process: one LLMEngine and its step loop, away from the HTTP process.
+
+The HTTP process (FastAPI, uvicorn, tokenizer, JSON, SSE) and the engine share no interpreter
+lock: under 64 streams the HTTP side kept a single-process server's decode step ~35% slower
+than offline (bench/server_load.py on an H100, 2026-11-23). This process owns the engine;
+the HTTP process talks to it over one duplex pipe (engine_client.py):
+
+  in:  a list of commands per message: ("add", rid, prompt ids, SamplingParams),
+       ("abort", rid), ("call", call id, fn, args) (fn(core, *args), for tests), ("stop",)
+  out: ("ready", info) or ("failed", message) once; then per loop iteration that did
+       anything one ("out", events, stats) message, events being ("a", rid) accepted,
+       ("e", rid, HTTP status, message), ("t", rid, new token ids, new log-probs or None,
+       finish reason or None, final text or None); and ("reply", call id, ok, value).
+
+Requests reach the engine through Admission, which decides when held arrivals join the batch.
+The process exits when the pipe closes (the HTTP process went away, however it died) or, as a
+watchdog notices within a second, when its parent is gone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("exactllm.server")
+
+
+@dataclass
+class EngineSpec:
+    """How the engine process builds its LLM (picklable: it crosses to the spawned process)."""
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    seed: int = 0
+    numerics: str = "fast"
+    tp: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    admission_window: float | None = None   # seconds; None: automatic (see Admission)
+    log_level: str = "warning"
+    setup: Callable | None = None           # setup(engine) after the build: tests patch the engine here
+
+
+class Admission:
+    """When held requests join the batch.
+
+    A step that computes prompts cannot replay a CUDA graph of pure decode: it runs eagerly for
+    every running sequence, and on a GPU costs several decode steps (launch-bound, nearly
+    whatever the number of prompt tokens). Requests arriving one by one would each force such
+    a step on every stream. So while sequences are decoding, new ones are held until the first
+    has waited ``window`` seconds, then added together: a request waits at most about what one
+    more eager step would cost all the others.
+
+    An idle engine waits for arrivals to pause (``quiet``: QUIET, never more than the window)
+    before its first step, up to the window from the first arrival (on CUDA without a fixed
+    window: max_window): clients that resubmit as soon as their previous answers ended arrive in
+    a burst spread over the HTTP process's parsing time, and a burst split over two prompt steps
+    keeps two cohorts decoding out of step from then on (each round then costs the steps of both).
+    For the same reason, while every running sequence will end (by its token limit) within the
+    window, held requests wait for the batch to drain rather than start a cohort of their own.
+
+    window None (auto): the measured extra cost of a step that computes prompts over a decode
+    step (medians of recent steps), at most max_window; 0 when the runner has no CUDA graphs
+    (a prompt then costs its compute, alone or batched). A number: that fixed window.
+    """
+
+    RECENT = 16
+    QUIET = 0.002
+
+    def __init__(self, window: float | None = None, graphs: bool = False, max_window: float = 0.02):
+        self.fixed, self.graphs, self.max_window = window, graphs, max_window
+        self.first_held = 0.0  # monotonic time the oldest held request arrived
+        self.last_held = 0.0   # and the newest
+        self._times: dict[bool, deque] = {True: deque(maxlen=self.RECENT), False: deque(maxlen=self.RECENT)}
+        self.steps = {"prompt": [0, 0.0], "decode": [0, 0.0]}  # kind -> [steps, seconds] (for /metrics)
+
+    def observe(self, mixed: bool, seconds: float) -> None:
+        """One step's duration; mixed: it computed prompt tokens."""
+        self._times[mixed].append(seconds)
+        total = self.steps["prompt" if mixed else "decode"]
+        total[0] += 1
+        total[1] += seconds
+
+    def hold(self, now: float, first: bool) -> None:
+        if first:
+            self.first_held = now
+        self.last_held = now
+
+    @property
+    def window(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        mixed, decode = self._times[True], self._times[False]
+        if not (self.graphs and mixed and decode):
+            return 0.0
+        return min(self.max_window, max(0.0, statistics.median(mixed) - statistics.median(decode)))
+
+    def wait(self, now: float, busy: bool) -> float:
+        """Seconds until the held requests are due (0: now), by the window alone."""
+        window = self.window
+        if busy:
+            return max(0.0, self.first_held + window - now)
+        cap = window if self.fixed is not None or not self.graphs else self.max_window
+        return max(0.0, min(self.first_held + cap, self.last_held + min(cap, self.QUIET)) - now)
+
+    def due(self, now: float, busy: bool) -> bool:
+        return self.wait(now, busy) == 0.0
+
+    def drain_steps(self) -> int:
+        """Decode steps that fit in the window (at most max_window): a batch whose sequences all
+        end within that many steps is left to drain before held requests join."""
+        decode = self._times[False]
+        if not (self.graphs and decode):
+            return 0
+        return int(min(self.window, self.max_window) / max(statistics.median(decode), 1e-6))
+
+
+class EngineCore:
+    """The step loop of the engine process (see the module docstring for the messages)."""
+
+    def __init__(self, engine, conn, window: float | None = None):
+        self.engine, self.conn = engine, conn
+        self.admission = Admission(window, graphs=getattr(engine.runner, "graphs", None) is not None)
+        self.held: list[tuple] = []           # (rid, prompt ids, params), arrived, not yet added
+        self.active: dict[int, list] = {}      # seq_id -> [rid, seq, tokens already sent]
+        self.by_rid: dict[int, int] = {}       # rid -> seq_id
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            busy = engine.has_work()
+            timeout = 0.0 if busy else (self.admission.wait(time.monotonic(), False) if self.held else None)
+            out: list[tuple] = []
+            try:
+                changed = self._receive(timeout, out)
+            except EOFError:  # the HTTP process is gone
+                return
+            if changed is None:
+                return
+            if self.held and self._due():
+                self._admit(out)
+            if engine.has_work():
+                self._step(out)
+                changed = True
+            if out or changed:
+                self.conn.send(("out", out, self.stats()))
+
+    def _due(self) -> bool:
+        busy = self.engine.has_work()
+        if not self.admission.due(time.monotonic(), busy):
+            return False
+        if not busy or self.engine.scheduler.waiting:
+            return True
+        steps = self.admission.drain_steps()
+        return not steps or any(s.params.max_tokens - len(s.output_token_ids) > steps
+                                for s in self.engine.scheduler.running)
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
+                "kv_usage": e.block_manager.usage(), "prompt_tokens": e.stats["prompt_tokens"],
+                "generation_tokens": e.stats["generation_tokens"], "steps": self.admission.steps,
+                "admission_window": self.admission.window}
+
+    def _receive(self, timeout: float | None, out: list) -> bool | None:
+        """Apply every queued command, waiting up to timeout (None: for ever) for the first.
+        True if the engine's state changed, None when told to stop."""
+        changed = False
+        while self.conn.poll(timeout):
+            timeout = 0.0
+            for cmd in self.conn.recv():
+                kind = cmd[0]
+                if kind == "add":
+                    self.admission.hold(time.monotonic(), first=not self.held)
+                    self.held.append(cmd[1:])
+                elif kind == "abort":
+                    changed |= self._abort(cmd[1])
+                elif kind == "call":
+                    self._call(*cmd[1:])
+                else:  # "stop"
+                    for seq_id in list(self.active):
+                        self.engine.abort(self.active.pop(seq_id)[1])
+                    return None
+        return changed
+
+    def _call(self, call_id: int, fn, args) -> None:
+        try:
+            reply = ("reply", call_id, True, fn(self, *args))
+        except Exception as exc:
+            reply = ("reply", call_id, False, f"{type(exc).__name__}: {exc}")
+        self.conn.send(reply)
+
+    def _abort(self, rid: int) -> bool:
+        seq_id = self.by_rid.pop(rid, None)
+        if seq_id is None:
+            self.held = [h for h in self.held if h[0] != rid]
+            return False
+        self.engine.abort(self.active.pop(seq_id)[1])
+        return True
+
+    def _admit(self, out: list) -> None:
+        """Add every held request, so that their prompts are computed in one step."""
+        for rid, ids, params in self.held:
+            try:
+                seq = self.engine.add_request(ids, params)
+            except ValueError as exc:
+                out.append(("e", rid, 400, str(exc)))
+                continue
+            except Exception as exc:
+                log.exception("could not add a request")
+                out.append(("e", rid, 500, f"{type(exc).__name__}: {exc}"))
+                continue
+            self.active[seq.seq_id] = [rid, seq, 0]
+            self.by_rid[rid] = seq.seq_id
+            out.append(("a", rid))
+        self.held.clear()
+
+    def _step(self, out: list) -> None:
+        engine = self.engine
+        mixed = bool(engine.scheduler.waiting)  # some prompt is computed this step
+        t0 = time.perf_counter()
+        try:
+            seqs = engine.step()
+        except Exception as exc:  # a bug or a device fault: fail what is running, keep serving
+            log.exception("engine step failed")
+            message = f"engine error: {type(exc).__name__}: {exc}"
+            for rid, seq, _ in self.active.values():
+                engine.abort(seq)
+                out.append(("e", rid, 500, message))
+            self.active.clear()
+            self.by_rid.clear()
+            return
+        self.admission.observe(mixed, time.perf_counter() - t0)
+        for s in seqs:
+            entry = self.active.get(s.seq_id)
+            if entry is None:
+                continue
+            rid, _, sent = entry
+            toks = s.output_token_ids[sent:]
+            entry[2] = sent + len(toks)
+            lps = s.logprobs[sent:] if s.params.logprobs else None
+            if s.finished:
+                out.append(("t", rid, toks, lps, s.finish_reason, s.text))
+                del self.active[s.seq_id]
+                del self.by_rid[rid]
+            else:
+                out.append(("t", rid, toks, lps, None, None))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(3)  # the HTTP process died: nobody will read what this process makes
+
+
+def core_main(spec: EngineSpec, conn, parent_pid: int) -> None:
+    """Entry point of the engine process."""
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="exactllm-parent-watch", daemon=True).start()
+    # A terminal's Ctrl-C or a service manager's SIGTERM reaches the whole process group: the HTTP
+    # process drains, and this one keeps stepping until told to stop (or its pipe closes). A
+    # no-op handler, not SIG_IGN, so that processes it starts (tensor-parallel ranks) keep the defaults.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from exactllm import LLM
+        llm = LLM(model=spec.model, device=spec.device, dtype=spec.dtype, seed=spec.seed, numerics=spec.numerics,
+                  tensor_parallel_size=spec.tp, max_num_seqs=spec.max_num_seqs,
+                  max_num_batched_tokens=spec.max_num_batched_tokens, num_kv_blocks=spec.num_kv_blocks,
+                  max_model_len=spec.max_model_len)
+        engine = llm.engine
+        t0 = time.perf_counter()  # capture every decode bucket before the first request, not during one
+        done = engine.runner.capture_graphs(spec.max_num_seqs)
+        if done:
+            logging.getLogger("exactllm.serve").info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(done),
+                                                     ",".join(map(str, done)), time.perf_counter() - t0)
+        if spec.setup is not None:
+            spec.setup(engine)
+    except BaseException as exc:
+        log.debug("engine start-up failed\n%s", traceback.format_exc())
+        try:
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        sys.exit(1)
+    conn.send(("ready", {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
+                         "vocab": engine.model_config.vocab, "max_num_seqs": engine.cfg.max_num_seqs}))
+    try:
+        EngineCore(engine, conn, spec.admission_window).run()
+    except (BrokenPipeError, ConnectionResetError):  # the HTTP process is gone
+        pass
+    finally:
+        llm.close()
