@@ -8,6 +8,8 @@ default config changes with M, so this also crosses tile configs); every config 
 inputs, plain and with a wide exponent range; K split over 1/2/4/8 TP partials combined by
 tree; reruns (the in-kernel split combine must not race); bf16 output == FP32 root rounded;
 a different tree (MAX_LEAF 128) must differ; relative error vs float64.
+--quant: the same for Q8_0/Q4_0/Q4_1 weights read from their planes, and timing against the
+fast and batch-invariant linears (section "quantized weights" below; tbik_matmul_quant.json).
 Bench: the model's linear shapes at M = 1, 8, 64, 256, 2048: cuBLAS (x @ w.T, bf16 out) vs
 TBIK (bf16 out, what the engine calls) with the default config, each sweep config (--sweep)
 and the previous kernel (--old: a copy of the old module, FP32 out plus a cast, as the engine
@@ -29,6 +31,8 @@ import torch
 import triton
 
 import exactllm.kernels.tree_matmul_triton as tk
+from exactllm.formats.quant import QuantWeight
+from exactllm.kernels import matmul_triton as mt
 from exactllm.kernels.tree import combine_partials
 from exactllm.kernels.tree_matmul_triton import Config
 
@@ -210,6 +214,159 @@ def bench(dev, sweep, old):
     return rows
 
 
+# ---- quantized weights (--quant) ------------------------------------------------------------
+# Checks: TBIK on QuantWeight planes == TBIK on the dequantized BF16 weight (torch and Triton
+# dequantizers), for Q8_0/Q4_0/Q4_1 at K=2048, 5632 (planes read by block) and 576 (per element);
+# every config (wgmma, and a 32-row mma.sync tile: Triton lays a weight dequantized in registers out
+# differently there, so it is recorded, not expected) x split; rows alone; K over TP shards; reruns;
+# another tree differs; batch invariance of matmul_triton.linear(invariant=True).
+# Timing (CUDA graphs over weight copies rotated past L2, bench/linear_kernels.bench_us): per
+# TinyLlama shape and M: fast linear, the invariant GEMM, TBIK before (torch dequantize + TBIK),
+# TBIK on the planes, Triton dequantize + dense TBIK; at M=1 two TBIK configs x splits.
+Q_CHECK_SHAPES = [(2048, 2048), (2048, 5632), (1000, 576)]
+Q_CONFIGS = [Config(64, 64, 4, 4), Config(64, 32, 4, 4), Config(64, 128, 4, 4), Config(128, 64, 8, 4)]
+Q_MMA_SYNC = Config(32, 64, 4, 4)
+Q_SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
+            "lm_head": (32000, 2048)}
+Q_MS = [1, 256, 2048]
+Q_M1_SPLITS = [1, 2, 4, 8]
+
+
+def _qinputs(M, N, K, qtype, dev, g=None):
+    x = torch.randn(M, K, device=dev, generator=g).bfloat16()
+    return x, QuantWeight.quantize(torch.randn(N, K, device=dev, generator=g) / K ** 0.5, qtype)
+
+
+def _q_check_configs(qtype, K):
+    return Q_CONFIGS + [Q_MMA_SYNC] if qtype != "q4_1" and K != 576 else Q_CONFIGS[:1]
+
+
+def check_quant(dev):
+    g = torch.Generator(device=dev).manual_seed(1)
+    out = []
+    for qtype in ("q8_0", "q4_0", "q4_1"):
+        for N, K in Q_CHECK_SHAPES:
+            x, w = _qinputs(512, N, K, qtype, dev, g)
+            y = tk.tbik_matmul(x, w)
+            ref = x.double() @ w.dequantize(torch.float64).T
+            row = dict(qtype=qtype, N=N, K=K, aligned=tk._aligned(tk.tree_shape(K, 1)),
+                       rel_err=((y.double() - ref).norm() / ref.norm()).item(),
+                       same_as_torch_dequant=torch.equal(y, tk.tbik_matmul(x, w.dequantize(torch.bfloat16))),
+                       same_as_triton_dequant=torch.equal(y, tk.tbik_matmul(x, mt.dequantize(w, torch.bfloat16))))
+            row["batch_invariant"] = all(torch.equal(tk.tbik_matmul(x[s:s + m], w), y[s:s + m]) for s, m in SLICES)
+            bad, mma_sync = [], None
+            for c in _q_check_configs(qtype, K):
+                same = all(torch.equal(tk.tbik_matmul(x, w, splits=s, config=c), y) for s in (1, 2, 8)) \
+                    and torch.equal(tk.tbik_matmul(x[5:6], w, config=c), y[5:6])
+                if c == Q_MMA_SYNC:
+                    mma_sync = same
+                elif not same:
+                    bad.append(cfg_name(c))
+            row["configs_differing"] = bad
+            row["mma_sync_32row_same"] = mma_sync
+            tp = {}
+            for parts in (2, 4, 8):
+                if (K // 32) % parts == 0:
+                    k = K // parts
+                    partials = [tk.tbik_matmul_partial(x[:, r * k:(r + 1) * k].contiguous(), w.shard(1, r, parts), parts)
+                                for r in range(parts)]
+                    tp[parts] = torch.equal(combine_partials(partials), y)
+            row["tp_invariant"] = tp
+            row["rerun_identical"] = all(torch.equal(tk.tbik_matmul(x[:3], w, splits=8), y[:3]) for _ in range(20))
+            saved, tk.MAX_LEAF = tk.MAX_LEAF, 128
+            row["other_tree_differs"] = not torch.equal(tk.tbik_matmul(x, w), y)
+            tk.MAX_LEAF = saved
+            full = mt.linear(x, w, invariant=True)
+            row["linear_invariant_rows_same"] = all(torch.equal(mt.linear(x[s:s + m], w, invariant=True), full[s:s + m])
+                                                    for s, m in SLICES)
+            print("qcheck", {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            out.append(row)
+    return out
+
+
+def _q_timed(M):
+    """(label, fn(x, w)) of the quantized timing at M rows."""
+    yield "fast", lambda x, w: mt.linear(x, w)
+    yield "inv_gemm", lambda x, w: mt.gemm(x, w, mt._tuned_tiles(x, w, "wgmma"))
+    if M <= 256:
+        yield "tbik_before", lambda x, w: tk.tbik_matmul(x, w.dequantize(x.dtype), out_dtype=x.dtype)
+    yield "tbik_q", lambda x, w: tk.tbik_matmul(x, w, out_dtype=x.dtype)
+    yield "tbik_dq", lambda x, w: tk.tbik_matmul(x, mt.dequantize(w, x.dtype), out_dtype=x.dtype)
+    if M == 1:
+        for c in Q_CONFIGS[:2]:
+            for s in Q_M1_SPLITS:
+                yield f"tbik_q_{cfg_name(c)}_s{s}", (lambda c, s: lambda x, w: tk.tbik_matmul(
+                    x, w, out_dtype=x.dtype, config=c, splits=s))(c, s)
+
+
+def _warm_quant(job):
+    """Worker: compile the quantized variants of one (qtype, M, N, K) for the disk cache."""
+    kind, qtype, M, N, K = job
+    x, w = _qinputs(M, N, K, qtype, "cuda")
+    if kind == "check":
+        for c in _q_check_configs(qtype, K):
+            for s in (1, 2, 8):
+                tk.tbik_matmul(x, w, splits=s, config=c)
+            tk.tbik_matmul(x[:1], w, config=c)
+        tk.tbik_matmul(x, w.dequantize(torch.bfloat16))
+        for parts in (2, 4, 8):
+            if (K // 32) % parts == 0:
+                tk.tbik_matmul_partial(x[:, :K // parts].contiguous(), w.shard(1, 0, parts), parts)
+        tk.tbik_matmul(x[:3], w, splits=8)
+        tk.MAX_LEAF = 128
+        tk.tbik_matmul(x, w)
+        tk.MAX_LEAF = 1024
+    else:
+        for _, fn in _q_timed(M):
+            fn(x, w)
+    torch.cuda.synchronize()
+    return job
+
+
+def warm_quant(jobs, timing=True):
+    t = time.time()
+    work = [("check", q, 512, N, K) for q in ("q8_0", "q4_0", "q4_1") for N, K in Q_CHECK_SHAPES]
+    if timing:
+        work += [("time", q, M, N, K) for q in ("q8_0", "q4_0") for M in Q_MS for N, K in Q_SHAPES.values()]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for _ in pool.imap_unordered(_warm_quant, work):
+            pass
+    print(f"quant: compiled in {time.time() - t:.0f} s", flush=True)
+
+
+def bench_quant():
+    from linear_kernels import bench_us, copies
+    rows = []
+    for qtype in ("q8_0", "q4_0"):
+        for name, (N, K) in Q_SHAPES.items():
+            ws = copies(qtype, N, K)
+            for M in Q_MS:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                row = dict(qtype=qtype, shape=name, M=M, N=N, K=K)
+                for label, fn in _q_timed(M):
+                    row[label + "_us"] = bench_us(lambda w, fn=fn: fn(x, w), ws)
+                m1 = {k: v for k, v in row.items() if k.startswith("tbik_q_")}
+                if m1:
+                    row["tbik_q_best"] = min((v, k) for k, v in m1.items())
+                print("qbench", qtype, name, M, " ".join(f"{k[:-3]}={v:.1f}" for k, v in row.items()
+                                                      if k.endswith("_us") and not k.startswith("tbik_q_")),
+                      "best_m1", row.get("tbik_q_best"), flush=True)
+                rows.append(row)
+            del ws
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_quant_table(rows):
+    print(f"\n{'q':5} {'shape':8} {'M':>5} {'fast':>7} {'invGEMM':>7} {'TBIKold':>7} {'TBIKq':>7} "
+          f"{'TBIKdq':>7} best-M1 (us, CUDA graph, weights rotated past L2)")
+    for r in rows:
+        best = r.get("tbik_q_best", (float("nan"), ""))
+        print(f"{r['qtype']:5} {r['shape']:8} {r['M']:>5} {r['fast_us']:7.1f} {r['inv_gemm_us']:7.1f} "
+              f"{r.get('tbik_before_us', float('nan')):7.1f} {r['tbik_q_us']:7.1f} {r['tbik_dq_us']:7.1f} "
+              f"{best[0]:.1f} {best[1]}")
+
+
 def print_table(rows):
     print(f"\n{'M':>5} {'N':>6} {'K':>5} {'cuBLAS':>7} {'old':>6} {'TBIK':>6} {'TBIK/cuBLAS':>11} "
           f"{'best cfg':>16} {'best':>6} {'graph ratio':>11} {'host us cuBLAS/TBIK':>19}"
@@ -251,12 +408,25 @@ def main():
     ap.add_argument("--old", default=None, help="path of the previous tree_matmul_triton.py, timed alongside")
     ap.add_argument("--jobs", type=int, default=12, help="parallel compile processes (0: none)")
     ap.add_argument("--checks-only", action="store_true")
+    ap.add_argument("--quant", action="store_true", help="quantized weights only (checks and timing)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     old = load_old(args.old) if args.old else None
     t0 = time.time()
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=time.strftime("%Y-%m-%d"), max_leaf=tk.MAX_LEAF)
+    if args.quant:
+        if args.jobs:
+            warm_quant(args.jobs, not args.checks_only)
+        result["quant_checks"] = check_quant("cuda")
+        print(f"quant checks done at {time.time() - t0:.0f} s", flush=True)
+        if not args.checks_only:
+            result["quant_bench"] = bench_quant()
+            print_quant_table(result["quant_bench"])
+        with open(os.path.join(args.out, "tbik_matmul_quant.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"done at {time.time() - t0:.0f} s", flush=True)
+        return
     if args.jobs:
         warm_all(args.sweep, args.old, args.jobs)
     result["checks"] = check("cuda", old)
