@@ -105,6 +105,8 @@ class EngineConfig:
     cpu_kv_bytes: int = 512 << 20  # KV pool on CPU: 11.6k tokens of SmolLM2-135M in fp32
     tensor_parallel_size: int = 1
     seed: int = 0
+    # Overlap the host's work with the device's (engine/llm_engine.py); None: on for CUDA.
+    async_scheduling: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def with_(self, **kw) -> "EngineConfig":

@@ -57,6 +57,8 @@ class LLM:
     realb_modality_threshold / realb_overload_threshold / realb_low_precision / realb_resident:
       the ReaLB knobs (balance/realb.py ReaLBConfig); eplb_redundant_experts / eplb_window /
       eplb_period: the EPLB ones (models/moe.py MoEOptions).
+    async_scheduling: prepare each decode step while the one before runs on the device (same
+      tokens; see engine/llm_engine.py); None: on for CUDA with tensor_parallel_size 1.
     """
 
     def __init__(self, model: str | None = None, device: str = "cpu", dtype=None, seed: int = 0,
@@ -66,7 +68,8 @@ class LLM:
                  enable_expert_parallel: bool = False, load_balancer: str = "none",
                  realb_modality_threshold: float = 0.7, realb_overload_threshold: float = 0.2,
                  realb_low_precision: str = "fp8", realb_resident: bool = False,
-                 eplb_redundant_experts: int | None = None, eplb_window: int = 8, eplb_period: int = 1):
+                 eplb_redundant_experts: int | None = None, eplb_window: int = 8, eplb_period: int = 1,
+                 async_scheduling: bool | None = None):
         resolve(numerics)  # validate early
         if tensor_parallel_size < 1 or tensor_parallel_size & (tensor_parallel_size - 1):
             raise ValueError(f"tensor_parallel_size must be a power of two >= 1, got {tensor_parallel_size}")
@@ -85,7 +88,7 @@ class LLM:
         cfg = EngineConfig(device=device, dtype=torch_dtype, numerics=numerics, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
-                           tensor_parallel_size=tensor_parallel_size, seed=seed)
+                           tensor_parallel_size=tensor_parallel_size, seed=seed, async_scheduling=async_scheduling)
         if source.config.n_experts:
             cfg.extra["model_kwargs"] = {"moe": moe}
         cfg_model = source.config

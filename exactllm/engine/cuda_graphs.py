@@ -13,7 +13,10 @@ of the tables are written each step (w: the widest table; narrower rows are zero
 they come from the runner's ``BlockTables``, which writes only what changed since the last
 step; columns beyond w are stale and never read (attention masks its page lookups to the
 context). Each row of the [4, B] buffer is written
-as a whole from a list, not element by element. Graphs are captured lazily, the first time a
+as a whole from a list, not element by element. The host buffers are rewritten only after an
+event recorded behind the last step's copies has passed: with async scheduling the engine fills
+step n+1 while step n may still be queued. A step fed on the device (async scheduling) gets its
+token ids copied into the ids row after the upload. Graphs are captured lazily, the first time a
 bucket is needed, after one eager warm-up pass (Triton compilation and GEMV tuning happen there),
 or all at once by ``capture_all`` (the server does this at startup).
 """
@@ -44,6 +47,7 @@ class DecodeGraphs:
         self.cu = torch.arange(self.max_batch + 1, dtype=i32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = None
+        self.uploaded = torch.cuda.Event() if device.type == "cuda" else None  # the host buffers' last copy
 
     def accepts(self, chunks) -> bool:
         return len(chunks) <= self.max_batch and all(ch.length == 1 and ch.completes for ch in chunks)
@@ -51,14 +55,18 @@ class DecodeGraphs:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _fill(self, chunks, bucket: int) -> None:
+    def _fill(self, chunks, bucket: int, ids: torch.Tensor | None = None) -> None:
+        """ids: the step's token ids on the device (else each sequence's last token, from the host)."""
         n, bs = len(chunks), self.block_size
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
         h = self.host_np
         if bucket > n:
             h[:, n:bucket] = 0
             h[3, n:bucket] = -1  # padding rows: no KV slot
         pos = [ch.start for ch in chunks]
-        h[0, :n] = [ch.seq.last_token for ch in chunks]  # decode: position p holds the last token
+        if ids is None:
+            h[0, :n] = [ch.seq.last_token for ch in chunks]  # decode: position p holds the last token
         h[1, :n] = pos
         h[2, :n] = [p + 1 for p in pos]
         h[3, :n] = [ch.seq.block_table[p // bs] * bs + p % bs for ch, p in zip(chunks, pos)]
@@ -67,6 +75,10 @@ class DecodeGraphs:
         self.host_tables_np[:n, :width] = tables
         self.dev.copy_(self.host, non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        if self.uploaded is not None:
+            self.uploaded.record()
+        if ids is not None:
+            self.dev[0, :n].copy_(ids)
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dev
@@ -102,6 +114,8 @@ class DecodeGraphs:
         for b in self.buckets_for(max_batch):
             if b in self.graphs:
                 continue
+            if self.uploaded is not None:
+                self.uploaded.synchronize()
             self.host_np[:, :b] = 0
             self.host_np[3, :b] = -1
             self.dev.copy_(self.host, non_blocking=True)
@@ -111,11 +125,11 @@ class DecodeGraphs:
         return done
 
     @torch.inference_mode()
-    def run(self, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, chunks, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 logits [len(chunks), vocab] of a pure-decode step, and its greedy picks
-        [len(chunks), 2] (``Ops.greedy_pick``: token, log-prob)."""
+        [len(chunks), 2] (``Ops.greedy_pick``: token, log-prob). ids: see _fill."""
         b = self._bucket(len(chunks))
-        self._fill(chunks, b)
+        self._fill(chunks, b, ids)
         if b not in self.graphs:
             self._capture(b)
         graph, (logits, picks) = self.graphs[b]

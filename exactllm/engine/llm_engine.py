@@ -1,6 +1,25 @@
 """The engine loop: requests in, scheduled steps through the model runner, finished outputs out.
 
 Independent of HTTP: the offline ``LLM`` class and the server both drive it.
+
+Async scheduling (EngineConfig.async_scheduling; on by default on CUDA with one process): while
+the device runs decode step n, the host prepares step n+1 and then reads and processes step n's
+tokens, so its Python work hides behind the GPU. Step n+1 is scheduled before step n's tokens
+are known, assuming every running sequence goes on: each takes one more token, fed to it on the
+device from step n's picks. A sequence found finished at step n (EOS, stop string or token; or
+aborted meanwhile) rides along in step n+1 and that row's token is dropped; its blocks, the one
+taken for step n+1 included, are freed when it finishes. Sequences that finish at step n by
+length (max_tokens, context) are known in advance and left out. Step n+1 is only scheduled ahead
+where the synchronous scheduler would schedule the very same chunks, less the sequences that
+finish at step n: a pure-decode step of every running sequence, nothing waiting, within the
+token budget and the free blocks (no preemption); otherwise the engine reads step n and
+schedules as usual. Prefill steps, tensor parallelism and CPU run synchronously.
+
+So each sequence sees the same tokens, random draws and log-probs as in the synchronous engine
+whenever its rows' bits do not depend on the rest of the batch (batch_invariant and tp_invariant
+numerics, always; fast mode while nothing rides along). What a ride-along row changes: the batch
+of that one step (fast-mode bits of the other rows may change, as with any other batch), and
+the prefix cache may keep different blocks (the ride-along block drops its cached hash).
 """
 from __future__ import annotations
 
@@ -11,10 +30,10 @@ import torch
 
 from exactllm.config import EngineConfig, kv_cache_bytes
 from exactllm.engine.block_manager import BlockManager
-from exactllm.engine.model_runner import ModelRunner
+from exactllm.engine.model_runner import Launched, ModelRunner
 from exactllm.engine.sampler import SeqRandom
-from exactllm.engine.scheduler import Scheduler
-from exactllm.engine.sequence import Sequence
+from exactllm.engine.scheduler import ScheduledChunk, Scheduler
+from exactllm.engine.sequence import Sequence, Status
 from exactllm.layers.ops import make_ops
 from exactllm.layers.parallel import TPContext
 from exactllm.models.loader import ModelSource
@@ -91,7 +110,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self._ids = itertools.count()
         self._randoms: dict[int, SeqRandom] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0}
+        # ride_along_tokens: tokens of async decode rows dropped (their sequence had finished)
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "ride_along_tokens": 0}
+        overlap = cfg.async_scheduling
+        if overlap is None:
+            overlap = torch.device(cfg.device).type == "cuda"
+        self.async_scheduling = bool(overlap) and tp.world == 1  # TP ranks run steps in lockstep
+        self._inflight: Launched | None = None  # a decode step sent to the device, tokens not read
 
     def encode(self, prompt: "str | list[int]") -> list[int]:
         if isinstance(prompt, str):
@@ -135,14 +160,23 @@ class LLMEngine:
             self._randoms.pop(seq.seq_id, None)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[Sequence]:
-        """One scheduled forward pass; returns the sequences that got a new token."""
+        """One scheduled forward pass; returns the sequences that got a new token. With async
+        scheduling a call may send a step to the device and return the tokens of the one before
+        (or nothing, when none was in flight)."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            return self._step_after(prev)
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.has_work():
                 raise RuntimeError("the KV cache is too small to make progress on any request")
+            return []
+        if self.async_scheduling and len(chunks) == len(self.scheduler.running) and \
+                all(ch.length == 1 and ch.completes for ch in chunks):
+            self._inflight = self.runner.launch(chunks, self._randoms)
             return []
         results = self.runner.step(chunks, self._randoms)
         if self.spmd:  # every rank runs this loop; all follow rank 0's tokens
@@ -157,6 +191,59 @@ class LLMEngine:
             self.stats["generation_tokens"] += 1
             self._check_finished(seq, token)
         return [seq for seq, _, _ in results]
+
+    def _step_after(self, prev: Launched) -> list[Sequence]:
+        """Step n = prev is on the device: commit its blocks (as the synchronous engine does first
+        after a step; only token ids are read), send step n+1 where it can go ahead, then read
+        step n's tokens and process them."""
+        for ch in prev.chunks:
+            if not ch.seq.finished:
+                ch.seq.num_computed = ch.start + ch.length
+                self.block_manager.commit_full_blocks(ch.seq)
+        ahead = self._decode_ahead(prev)
+        if ahead is not None:
+            self._inflight = self.runner.launch(*ahead)
+        out = []
+        for seq, (token, logprob) in zip(prev.done, prev.results()):
+            if seq.finished:  # at the step before, or aborted: this row rode along
+                self.stats["ride_along_tokens"] += 1
+                continue
+            seq.output_token_ids.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(logprob)
+            self.stats["generation_tokens"] += 1
+            self._check_finished(seq, token)
+            out.append(seq)
+        return out
+
+    def _decode_ahead(self, prev: Launched) -> tuple | None:
+        """runner.launch arguments of step n+1 while step n = prev (a decode step of every running
+        sequence) is on the device, or None where the synchronous scheduler could schedule
+        anything but one more token of each running sequence that does not finish at step n."""
+        sched, blocks, limit = self.scheduler, self.block_manager, self.max_model_len
+        if sched.waiting:
+            return None
+        rows, running, need = [], 0, 0
+        for i, seq in enumerate(prev.done):
+            if seq.status is not Status.RUNNING:
+                continue
+            running += 1
+            pos = seq.num_tokens  # where step n's token goes
+            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or pos + 1 >= limit:
+                continue  # finishes at step n
+            need += blocks.blocks_needed(seq, pos + 1)
+            rows.append(i)
+        if not rows or running != len(sched.running) or len(rows) > sched.max_tokens or need > blocks.num_free:
+            return None
+        chunks = []
+        for i in rows:
+            seq = prev.done[i]
+            pos = seq.num_tokens
+            blocks.grow(seq, pos + 1)
+            ch = ScheduledChunk(seq, pos, 1)
+            ch.completes = True  # its input token, step n's, is not in seq yet
+            chunks.append(ch)
+        return chunks, self._randoms, None, (prev, rows)
 
     def _follow_rank0(self, results: list[tuple]) -> list[tuple]:
         import torch.distributed as dist

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from exactllm.engine.sampler import select
+from exactllm.engine.sampler import select_on_device, to_device
 from exactllm.engine.scheduler import ScheduledChunk
 from exactllm.layers.attention import AttnBatch
 
@@ -24,12 +24,16 @@ class StepInputs:
     vision_embeds: torch.Tensor | None = None  # [vision rows, hidden]: their embeddings, in row order
 
     def to(self, device) -> "StepInputs":
+        """On the device; host tensors go through pinned memory without a wait (see to_device)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        move = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda and not t.is_cuda else t.to(device)
         b = self.batch
-        opt = lambda t: None if t is None else t.to(device)
-        return StepInputs(self.input_ids.to(device), self.positions.to(device),
-                          AttnBatch(b.cu_seqlens_q.to(device), b.context_lens.to(device),
-                                    b.block_tables.to(device), b.slot_mapping.to(device)),
-                          self.logit_rows.to(device), opt(self.modality_ids), opt(self.vision_embeds))
+        opt = lambda t: None if t is None else move(t)
+        return StepInputs(move(self.input_ids), move(self.positions),
+                          AttnBatch(move(b.cu_seqlens_q), move(b.context_lens), move(b.block_tables),
+                                    move(b.slot_mapping)),
+                          move(self.logit_rows), opt(self.modality_ids), opt(self.vision_embeds))
 
     def model_kwargs(self) -> dict:
         """Extra forward arguments: modality ids and vision embeddings, only when the step has them."""
@@ -100,18 +104,22 @@ class BlockTables:
         return staging[index, :width]
 
 
-def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTables | None = None) -> StepInputs:
+def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTables | None = None,
+                 input_ids: torch.Tensor | None = None) -> StepInputs:
     """The step's input tensors. Per-chunk values are plain lists (O(chunks)); per-token
     positions and slots are array ops over the chunks' starts and lengths, except in a
     pure-decode step, where tokens are chunks. tables: the runner's BlockTables (kept across
-    steps); None builds them afresh."""
+    steps); None builds them afresh. input_ids: the token ids, when they are not on the host yet
+    (a decode step fed by the step before it, on the device)."""
     n, bs = len(chunks), block_size
     starts = [ch.start for ch in chunks]
     lengths = [ch.length for ch in chunks]
     cu = [0, *itertools.accumulate(lengths)]
     ctx = [s + k for s, k in zip(starts, lengths)]
     logit_rows = [c - 1 for c, ch in zip(cu[1:], chunks) if ch.completes]
-    ids = list(itertools.chain.from_iterable(ch.seq.tokens(ch.start, ch.start + ch.length) for ch in chunks))
+    if input_ids is None:
+        ids = itertools.chain.from_iterable(ch.seq.tokens(ch.start, ch.start + ch.length) for ch in chunks)
+        input_ids = torch.tensor(list(ids), dtype=torch.long)
     table = (tables or BlockTables()).gather([ch.seq for ch in chunks])
     if cu[-1] == n:  # one token per chunk
         pos = torch.tensor(starts, dtype=torch.long)
@@ -126,7 +134,7 @@ def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTab
         slots = torch.from_numpy(table[row, pos_np // bs].astype(np.int64) * bs + pos_np % bs)
     i32, i64 = torch.int32, torch.long
     batch = AttnBatch(torch.tensor(cu, dtype=i32), torch.tensor(ctx, dtype=i32), torch.from_numpy(table), slots)
-    return StepInputs(torch.tensor(ids, dtype=i64), pos, batch, torch.tensor(logit_rows, dtype=i64),
+    return StepInputs(input_ids, pos, batch, torch.tensor(logit_rows, dtype=i64),
                       *_vision_inputs(chunks))
 
 
@@ -158,19 +166,57 @@ class ModelRunner:
                             **inputs.model_kwargs())
         return self.model.logits(hidden[inputs.logit_rows])
 
-    def step(self, chunks: list[ScheduledChunk], randoms: dict, forward=None) -> list[tuple]:
-        """Run one step; returns (seq, token, logprob) for every chunk that reached its end."""
+    def launch(self, chunks: list[ScheduledChunk], randoms: dict, forward=None, feed=None) -> "Launched":
+        """Send one step to the device and return at once; ``Launched.results()`` reads its tokens.
+        feed (prev, rows): a pure-decode step whose chunk i takes as input the token that row
+        rows[i] of the Launched step prev picked, on the device (prev's results are not read yet)."""
+        ids = None if feed is None else self._fed_ids(*feed)
         if forward is None and self.graphs is not None and self.graphs.accepts(chunks):
-            logits, picks = self.graphs.run(chunks)  # greedy picks computed inside the graph
+            logits, picks = self.graphs.run(chunks, ids)  # greedy picks computed inside the graph
         else:
-            inputs = build_inputs(chunks, self.block_size, self.tables)
+            inputs = build_inputs(chunks, self.block_size, self.tables, ids)
             logits = (forward or self.forward_logits)(inputs)
             picks = None
         done = [ch.seq for ch in chunks if ch.completes]
-        if not done:
+        if done:
+            ops = self.model.ops
+            if picks is None:
+                picks = ops.greedy_pick(logits)
+            picks = select_on_device(logits, picks, [s.params for s in done], [randoms[s.seq_id] for s in done],
+                                     ops.log_softmax)
+        return Launched(chunks, done, picks)
+
+    def _fed_ids(self, prev: "Launched", rows: list[int]) -> torch.Tensor:
+        tokens = prev.picks[:, 0]
+        if rows[-1] == len(rows) - 1:  # rows ascend: the first len(rows) rows, a view
+            return tokens[:len(rows)].long()
+        return tokens[to_device(rows, torch.long, self.device)].long()
+
+    def step(self, chunks: list[ScheduledChunk], randoms: dict, forward=None) -> list[tuple]:
+        """Run one step; returns (seq, token, logprob) for every chunk that reached its end."""
+        launched = self.launch(chunks, randoms, forward)
+        return [(seq, tok, lp) for seq, (tok, lp) in zip(launched.done, launched.results())]
+
+
+class Launched:
+    """A step on its way through the device: picks [len(done), 2] float64 (token, log-prob) of the
+    sequences whose chunk completes, in chunk order, on the device. On CUDA they are copied to
+    pinned host memory behind the step and an event marks the copy, so the host can prepare the
+    next step meanwhile; ``results()`` waits for that event only."""
+
+    def __init__(self, chunks: list[ScheduledChunk], done: list, picks: torch.Tensor | None):
+        self.chunks, self.done, self.picks = chunks, done, picks
+        self.host, self.event = picks, None
+        if picks is not None and picks.is_cuda:
+            self.host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            self.host.copy_(picks, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def results(self) -> list[tuple[int, float]]:
+        """(token, log-prob) per sequence of ``done``."""
+        if self.picks is None:
             return []
-        ops = self.model.ops
-        if picks is None:
-            picks = ops.greedy_pick(logits)
-        chosen = select(logits, picks, [s.params for s in done], [randoms[s.seq_id] for s in done], ops.log_softmax)
-        return [(seq, tok, lp) for seq, (tok, lp) in zip(done, chosen)]
+        if self.event is not None:
+            self.event.synchronize()
+        return [(int(t), lp) for t, lp in self.host.tolist()]

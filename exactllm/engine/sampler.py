@@ -43,31 +43,47 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return probs / probs.sum(dim=-1, keepdim=True), sorted_ids
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on device, without making the host wait for the device: a
+    plain torch.tensor(..., device=cuda) copies from pageable memory and synchronizes the stream,
+    which would stall the engine behind the step in flight (async scheduling)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom]) -> torch.Tensor:
     """One sampled token per row of float32 logits [S, V] (temperature, top-k, top-p; no greedy rows)."""
     dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
+    temperature = to_device([p.temperature for p in params], torch.float32, dev)
+    top_k = to_device([p.top_k for p in params], torch.long, dev)
+    top_p = to_device([p.top_p for p in params], torch.float32, dev)
     probs, ids = filter_logits(logits, temperature, top_k, top_p)
-    u = torch.tensor([r.uniform() for r in randoms], device=dev, dtype=torch.float32)
+    u = to_device([r.uniform() for r in randoms], torch.float32, dev)
     cdf = probs.cumsum(dim=-1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(logits.shape[-1] - 1)
     return ids.gather(1, pick)[:, 0]
 
 
+def select_on_device(logits: torch.Tensor, picks: torch.Tensor, params: list[SamplingParams],
+                     randoms: list[SeqRandom], log_softmax) -> torch.Tensor:
+    """[S, 2] float64 (token, log-prob) per row, left on the logits' device (nothing waits for it).
+    picks [S, 2] float64 holds every row's greedy choice and its log-prob (``Ops.greedy_pick``);
+    rows that sample draw from ``logits`` instead and take their log-prob from ``log_softmax``
+    (the Ops' own, so the invariant modes keep the training bits). Each sampling row takes its
+    sequence's next uniform now, on the host."""
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return picks
+    idx = to_device(sampled, torch.long, logits.device)
+    sub = logits[idx]
+    tokens = sample(sub, [params[i] for i in sampled], [randoms[i] for i in sampled])
+    lps = log_softmax(sub).gather(1, tokens[:, None])[:, 0]
+    out = picks.clone()  # picks may be a CUDA graph's output buffer, rewritten by its next replay
+    out[idx] = torch.stack((tokens.double(), lps.double()), dim=1)
+    return out
+
+
 def select(logits: torch.Tensor, picks: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom],
            log_softmax) -> list[tuple[int, float]]:
-    """(token, log-prob) per row. picks [S, 2] float64 holds every row's greedy choice and its
-    log-prob (``Ops.greedy_pick``); rows that sample draw from ``logits`` instead and take their
-    log-prob from ``log_softmax`` (the Ops' own, so the invariant modes keep the training bits)."""
-    rows = picks.tolist()  # the one device -> host copy of an all-greedy step
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        idx = torch.tensor(sampled, device=logits.device)
-        sub = logits[idx]
-        tokens = sample(sub, [params[i] for i in sampled], [randoms[i] for i in sampled])
-        lps = log_softmax(sub).gather(1, tokens[:, None])[:, 0]
-        for i, t, lp in zip(sampled, tokens.tolist(), lps.tolist()):
-            rows[i] = (t, lp)
-    return [(int(t), lp) for t, lp in rows]
+    """(token, log-prob) per row: ``select_on_device`` read back to the host."""
+    return [(int(t), lp) for t, lp in select_on_device(logits, picks, params, randoms, log_softmax).tolist()]
