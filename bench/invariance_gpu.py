@@ -84,7 +84,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
     sizes = [int(v) for v in a.batch_sizes.split(",")]
-    rows = [run_mode(a.model, m, sizes, a.tokens, a.device) for m in a.modes.split(",")]
+    rows = []
+    for m in a.modes.split(","):
+        rows.append(run_mode(a.model, m, sizes, a.tokens, a.device))
+        print("mode done", json.dumps(rows[-1], default=str), flush=True)   # kept if a later mode is cut off
     fast = next((r for r in rows if r["mode"] == "fast"), None)
     print(f"model {a.model}, {device_name(a.device)}, {a.tokens} tokens x {len(TARGETS)} target prompts")
     print(f"{'mode':<16} {'bs':>4} {'diff logp':>10} {'diff tok':>9} {'tok/s':>9} {'vs fast':>8}")

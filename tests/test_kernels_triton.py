@@ -74,39 +74,31 @@ def test_dequantize_kernel(qtype):
 
 
 def test_invariant_tiles_stay_in_one_class(monkeypatch):
-    """The invariant mode may take, at any M, any candidate of its table: those must lie in one class
-    of configs shown bit-identical on the H100 (bench/linear_kernels.py, section classes). Quantized
-    weights: wgmma tiles only (BLOCK_M >= 64, warps a multiple of 4; mma.sync gave other bits).
-    BF16: any of our Triton tiles (both MMA families gave the same bits). All: the natural K order,
-    BLOCK_K a multiple of 32. Activations other than BF16, and Q4_1 (not run in that sweep): the one
-    INVARIANT_CONFIG at every M; so do GPUs other than Hopper, where the classes were not shown."""
-    assert {matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16, "q4_0", torch.device("cpu"))
+    """The invariant mode may take, at any M, any candidate of its table for dense weights: those must
+    lie in one class of configs shown bit-identical on the H100 (bench/linear_kernels.py, section
+    classes): BF16 activations on Hopper, the BF16 table (both MMA families gave the same bits), BLOCK_K
+    a multiple of 32; other activation dtypes and GPUs: the one INVARIANT_CONFIG at every M. Quantized
+    weights take the TBIK tree instead (tests/test_tree_matmul_triton_quant.py)."""
+    assert {matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16, torch.device("cpu"))
             for m in range(1, 4097, 7)} == {matmul_triton.INVARIANT_CONFIG}
     monkeypatch.setattr(matmul_triton, "_is_hopper", lambda device: True)
-    wgmma = [c for _, cands in matmul_triton.WGMMA_TILES for c in cands]
-    assert wgmma and all(bm >= 64 and warps % 4 == 0 for bm, _, _, warps, _ in wgmma)
     bf16 = [c for _, cands in matmul_triton.BF16_TILES for c in cands]
-    assert all(bk % 32 == 0 for _, _, bk, _, _ in wgmma + bf16)
-    for qtype, dtype in (("q4_1", torch.bfloat16), ("q4_0", torch.float16), ("q4_0", torch.float32), (None, torch.float32)):
-        assert {matmul_triton.invariant_config(m, 2048, 2048, dtype, qtype)
-                for m in range(1, 4097, 7)} == {matmul_triton.INVARIANT_CONFIG}
-    for qtype in ("q4_0", "q8_0", None):
-        for m in range(1, 4097, 7):
-            assert matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16, qtype) in (bf16 if qtype is None else wgmma)
+    assert all(bk % 32 == 0 for _, _, bk, _, _ in bf16)
+    for dtype in (torch.float16, torch.float32):
+        assert {matmul_triton.invariant_config(m, 2048, 2048, dtype) for m in range(1, 4097, 7)} == \
+            {matmul_triton.INVARIANT_CONFIG}
+    assert all(matmul_triton.invariant_config(m, 2048, 2048, torch.bfloat16) in bf16 for m in range(1, 4097, 7))
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", None])
-def test_linear_invariant_mode_is_batch_invariant(qtype, monkeypatch):
+def test_linear_invariant_mode_is_batch_invariant(qtype):
     """A row's bits do not depend on the batch around it: row r alone (M = 1) == row r inside
-    M = 17 and M = 64. Under the interpreter a dot is one numpy matmul per tile, whose rounding
-    depends on the tile's K width, and bf16 dots are wrong, so: quantized weights run the BF16 policy
-    (WGMMA_TILES, whose candidates for M <= 64 share one default) on float16 activations, dense
-    weights the fixed float32 config; the GPU check of tiles that change with M is
-    bench/linear_kernels.py (sections classes and final).
-    The check can fail: fast mode (GEMV at M = 1, tensor cores at M = 17), another BLOCK_K, or the
-    two-dot K order of 4-bit weights give other bits for some rows."""
-    if qtype:
-        monkeypatch.setattr(matmul_triton, "_invariant_table", lambda dtype, qtype, device: "wgmma")
+    M = 17 and M = 64. Quantized weights go through the TBIK tree (float16 activations: the
+    interpreter's bf16 dots are wrong), dense ones through the fixed float32 GEMM config; the GPU
+    checks of tiles that change with M are bench/linear_kernels.py (sections classes and final) and
+    bench/tbik_matmul.py --quant.
+    The check can fail: fast mode (GEMV at M = 1, tensor cores at M = 17) gives other bits for some
+    rows, and for the dense GEMM another BLOCK_K does."""
     gen, seed = fresh_gen()
     K, N = 256, 48
     dtype = torch.float32 if qtype is None else torch.float16
@@ -117,16 +109,14 @@ def test_linear_invariant_mode_is_batch_invariant(qtype, monkeypatch):
     for r in (0, 9, 16):
         alone = matmul_triton.linear(x[r:r + 1], W, invariant=True)[0]
         assert all(torch.equal(alone, full[m][r]) for m in (17, 64)), f"seed {seed}"
-    # the float32 accumulator's bits (an output buffer in float32) show the order changes
-    cfg = matmul_triton.invariant_config(17, N, K, dtype, qtype)
-    assert cfg == (matmul_triton.WGMMA_TILES[0][1][0] if qtype else matmul_triton.INVARIANT_CONFIG)
-    acc = lambda c, **kw: matmul_triton.gemm(x[:17], W, c, out=torch.empty(17, N), **kw)
-    assert not torch.equal(acc((cfg[0], cfg[1], 32 if cfg[2] != 32 else 64) + cfg[3:]), acc(cfg)), f"seed {seed}"
-    if qtype == "q4_0":
-        assert not torch.equal(acc((cfg[0], cfg[1], 64) + cfg[3:], natural=False), acc(cfg)), f"seed {seed}"
     if qtype:
         fast = matmul_triton.linear(x[:17], W)
         assert any(not torch.equal(matmul_triton.linear(x[r:r + 1], W)[0], fast[r]) for r in range(17))
+    else:   # the float32 accumulator's bits (an output buffer in float32) show the order changes
+        cfg = matmul_triton.invariant_config(17, N, K, dtype)
+        assert cfg == matmul_triton.INVARIANT_CONFIG
+        acc = lambda c: matmul_triton.gemm(x[:17], W, c, out=torch.empty(17, N))  # noqa: E731
+        assert not torch.equal(acc((cfg[0], cfg[1], 32 if cfg[2] != 32 else 64) + cfg[3:]), acc(cfg)), f"seed {seed}"
 
 
 # ------------------------------------------------------------------------- elementwise

@@ -13,13 +13,17 @@ Kernels:
   (all low halves, then all high halves): another summation order, kept to show that order matters.
 - Dequantize: planes -> dense weights in one pass, for cuBLAS at large M (fast mode).
 
-Numerics. The invariant modes never split K, and a K tile is reduced by tensor-core MMA steps of 16
-in K order into the float32 accumulator. On the H100 (bench/linear_kernels.py, section classes)
-every wgmma tile config (any BLOCK_M >= 64, BLOCK_N, BLOCK_K, warps, stages) gave bit-identical
-outputs, and for BF16 weights the mma.sync tiles too; for quantized weights the mma.sync tiles gave
-other bits. So with BF16 activations the invariant mode picks its tiles by M, but only among one
-such class (WGMMA_TILES for Q8_0/Q4_0, BF16_TILES for dense), timing the candidates once per shape
-and M bucket; other activation dtypes and Q4_1 (not in that sweep) keep one fixed INVARIANT_CONFIG.
+Numerics. Invariant mode, quantized weights: the TBIK tree of kernels/tree_matmul_triton.py (the
+planes read and dequantized in registers, the tree's top levels split over SMs at small M; its
+bits depend on K alone). H100, TinyLlama's layer linears (bench/tbik_matmul.py --quant): 0.5-0.95x
+the time of the wgmma GEMM below at M=1, 0.75-1.4x at M=256 (tree on the dequantized weight);
+lm_head 1.0-1.25x at M=1 and ~1.8x at M=256. Invariant mode, dense weights: this GEMM, which
+never splits K; a K tile is reduced by tensor-core MMA steps of 16 in K order into the float32 accumulator. On the
+H100 (bench/linear_kernels.py, section classes) every Triton tile config gave bit-identical outputs
+for BF16 weights (wgmma and mma.sync alike), so with BF16 activations on Hopper the invariant mode
+picks its tiles by M among BF16_TILES, timing the candidates once per shape and M bucket; other
+activation dtypes and GPUs keep one fixed INVARIANT_CONFIG. (For weights dequantized in registers
+only the wgmma tiles formed one class: WGMMA_TILES.)
 Fast mode: cuBLAS for dense weights; for quantized ones the GEMV, then the fused GEMM with any
 tiles (mma.sync included), then dequantize + cuBLAS, by M (see linear()).
 """
@@ -269,7 +273,8 @@ def _tuned_gemv_config(x: torch.Tensor, w: QuantWeight) -> tuple:
 # gave the same bits (K is summed in 16-wide MMA steps in K order, whatever the tile), while mma.sync
 # tiles (BLOCK_M = 16) gave other bits for quantized weights; for BF16 weights both instruction
 # families gave identical bits, so BF16_TILES mixes them. Within one table the invariant mode may
-# take any candidate at any M: it times them once per (shape, bucket) and keeps the fastest.
+# take any candidate at any M: it times them once per (shape, bucket) and keeps the fastest (dense
+# weights; quantized ones go through TBIK in invariant mode).
 WGMMA_TILES = [(64, [(64, 32, 128, 4, 4), (64, 16, 256, 4, 3), (64, 64, 128, 4, 4), (64, 64, 64, 4, 3)]),
                (256, [(64, 32, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4)]),
                (512, [(64, 64, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4)]),
@@ -286,7 +291,6 @@ BF16_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (16, 128, 128, 4, 
 FAST_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (64, 16, 256, 4, 3), (64, 64, 64, 4, 3)])] + WGMMA_TILES
 FUSED_MAX_M, FUSED_MAX_M_WIDE, WIDE_N = 16, 64, 8192
 TILE_TABLES = {"bf16": BF16_TILES, "wgmma": WGMMA_TILES, "fast": FAST_TILES}
-VERIFIED_QTYPES = (None, "q4_0", "q8_0")
 _tiles_best: dict = {}
 
 
@@ -314,24 +318,21 @@ def _tuned_tiles(x: torch.Tensor, w, table: str) -> tuple:
     return _tiles_best[key]
 
 
-def _invariant_table(dtype: torch.dtype, qtype: str | None, device: torch.device) -> str | None:
-    """The tile table the invariant mode may tune over, or None for the one fixed INVARIANT_CONFIG:
-    the classes were shown on a Hopper GPU (H100, Triton 3.6) for BF16 activations with BF16, Q8_0
-    and Q4_0 weights only; other GPUs have other MMA instructions, so they keep the fixed config."""
-    if dtype != torch.bfloat16 or qtype not in VERIFIED_QTYPES or not _is_hopper(device):
-        return None
-    return "bf16" if qtype is None else "wgmma"
+def _invariant_table(dtype: torch.dtype, device: torch.device) -> str | None:
+    """The tile table the invariant mode may tune over for dense weights, or None for the one fixed
+    INVARIANT_CONFIG: the class was shown on a Hopper GPU (H100, Triton 3.6) for BF16 activations
+    only; other GPUs have other MMA instructions, so they keep the fixed config."""
+    return "bf16" if dtype == torch.bfloat16 and _is_hopper(device) else None
 
 
 def _is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, qtype: str | None,
-                     device: torch.device = torch.device("cuda")) -> tuple:
-    """The invariant mode's default GEMM tiles for an [M, K] x [N, K].T product (linear() may time
-    the other candidates of the same table and bucket)."""
-    table = _invariant_table(dtype, qtype, device)
+def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device = torch.device("cuda")) -> tuple:
+    """The invariant mode's default GEMM tiles for an [M, K] x [N, K].T product with dense weights
+    (linear() may time the other candidates of the same table and bucket)."""
+    table = _invariant_table(dtype, device)
     return INVARIANT_CONFIG if table is None else _bucket(TILE_TABLES[table], M)[1][0]
 
 
@@ -342,7 +343,11 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
     M, N = x.shape[0], w.shape[0]
     qtype = w.qtype if isinstance(w, QuantWeight) else None
     if invariant:
-        table = _invariant_table(x.dtype, qtype, x.device)
+        if qtype is not None:   # the TBIK tree: split over SMs at small M, batch invariant too
+            from exactllm.kernels.tree_matmul_triton import tbik_matmul
+            y = tbik_matmul(x, w, out_dtype=x.dtype)
+            return y if out is None else out.copy_(y)
+        table = _invariant_table(x.dtype, x.device)
         return gemm(x, w, INVARIANT_CONFIG if table is None else _tuned_tiles(x, w, table), out)
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))

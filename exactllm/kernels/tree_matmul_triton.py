@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from exactllm.formats.quant import QuantWeight
-from exactllm.kernels.matmul_triton import QCODES, _nibble_f32
+from exactllm.kernels.matmul_triton import QCODES, _is_hopper, _nibble_f32, dequantize
 from exactllm.kernels.tree import combine_partials, k_pieces
 
 MAX_LEAF = 1024      # longest sequential leaf (elements of K)
@@ -339,17 +339,19 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
 
 # ---- host side ---------------------------------------------------------------------------
 
-_DEVICE_SMS: dict = {}
+_DEVICE_INFO: dict = {}
 _COUNTERS: dict = {}
 
 
-def _n_sm(device: torch.device) -> int:
+def _device_info(device: torch.device) -> "tuple[int, bool]":
+    """(SM count, Hopper?) of a device, looked up once (host overhead per call)."""
     if device.type != "cuda":
-        return 132
-    n = _DEVICE_SMS.get(device.index)
-    if n is None:
-        n = _DEVICE_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
+        return 132, False
+    info = _DEVICE_INFO.get(device.index)
+    if info is None:
+        info = _DEVICE_INFO[device.index] = (torch.cuda.get_device_properties(device).multi_processor_count,
+                                             _is_hopper(device))
+    return info
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -363,20 +365,33 @@ def _counters(device: torch.device) -> torch.Tensor:
     return c
 
 
-def pick_config(M: int, N: int, K_local: int, local_leaves: int) -> Config:
-    """Tile config by M bucket (any config gives the same bits, checked on H100 by
-    bench/tbik_matmul.py).  Large tiles need few stack levels in registers: 128x64 over 8 warps
-    holds acc + 3 levels without spilling; 128x128 does not (measured 4-5x slower)."""
+FIXED_CONFIG = Config(64, 64, 4, 4)
+DEQUANT_MIN_M = 256   # from this M on (Hopper) a quantized weight is dequantized first (same bits)
+
+
+def pick_config(M: int, N: int, K_local: int, local_leaves: int, qtype: "str | None" = None,
+                fixed: bool = False) -> Config:
+    """Tile config by M bucket (any wgmma config gives the same bits, checked on H100 by
+    bench/tbik_matmul.py; for quantized weights a 32-row mma.sync tile does not, so none is used).
+    Large tiles need few stack levels in registers: 128x64 over 8 warps holds acc + 3 levels
+    without spilling; 128x128 does not (measured 4-5x slower).  Q8_0 at M <= 64: 64x32 tiles
+    (H100, M=1: 9-28 us vs 10-36 for 64x64 on TinyLlama's linears, tbik_matmul_quant.json).
+    ``fixed``: FIXED_CONFIG at every M (quantized weights off Hopper, where no GPU run has shown
+    that the tiles stay in one bit class: the MMA family and the register layout of a weight
+    dequantized in registers differ there)."""
+    if fixed:
+        return FIXED_CONFIG
     if M <= 64:
-        return Config(64, 64, 4, 4)
+        return Config(64, 32, 4, 4) if qtype == "q8_0" else FIXED_CONFIG
     return Config(128, 64, 8, 4)
 
 
-def default_splits(M: int, N: int, cfg: Config, local_leaves: int, n_sm: int) -> int:
-    """Programs per output tile (a power of two <= the rank's leaves): enough to fill the GPU."""
+def default_splits(M: int, N: int, cfg: Config, local_leaves: int, n_sm: int, fill: int = 1) -> int:
+    """Programs per output tile (a power of two <= the rank's leaves): enough for ``fill``
+    programs per SM (quantized weights: 4, more loads in flight; measured on H100 at M=1)."""
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     s = 1
-    while s < min(local_leaves, MAX_SPLITS) and tiles * s * 2 <= n_sm and tiles * s * 2 <= _N_COUNTERS:
+    while s < min(local_leaves, MAX_SPLITS) and tiles * s * 2 <= fill * n_sm and tiles * s * 2 <= _N_COUNTERS:
         s *= 2
     return s
 
@@ -391,13 +406,13 @@ def _aligned(ts: TreeShape) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, interpret, max_leaf, qtype):
+def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, hopper, interpret, max_leaf, qtype):
     """Grid, kernel keywords and workspace shape of one call (cached: launch overhead;
     ``max_leaf`` is MAX_LEAF, a key only, so that changing the tree is never served stale)."""
     ts = tree_shape(K_local, parts)
-    cfg = config or pick_config(M, N, K_local, ts.local_leaves)
+    cfg = config or pick_config(M, N, K_local, ts.local_leaves, qtype, fixed=qtype is not None and not hopper)
     if splits is None:
-        splits = default_splits(M, N, cfg, ts.local_leaves, n_sm)
+        splits = default_splits(M, N, cfg, ts.local_leaves, n_sm, 1 if qtype is None else 4)
     if splits < 1 or splits & (splits - 1) or splits > min(ts.local_leaves, MAX_SPLITS):
         raise ValueError(f"splits={splits} must be a power of two <= min({ts.local_leaves}, {MAX_SPLITS})")
     leaves = ts.local_leaves // splits
@@ -416,6 +431,12 @@ def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, interpret, max_leaf,
 def _launch(x, w, parts, out_dtype, splits, config):
     M, K_local = x.shape
     N = w.shape[0]
+    n_sm, hopper = _device_info(x.device)
+    if isinstance(w, QuantWeight) and hopper and M >= DEQUANT_MIN_M:
+        # large M: one dequantize pass (exactly W.dequantize(x.dtype), checked bitwise on H100 by
+        # bench/tbik_matmul.py --quant) and the dense tree: the same bits, faster (H100, M=2048:
+        # 0.6-0.7x the time of in-register dequantization for every tile of rows)
+        w = dequantize(w, x.dtype)
     if isinstance(w, QuantWeight):
         if w.shape[1] != K_local:
             raise ValueError(f"x has K={K_local} but the weight {w.shape}")
@@ -428,8 +449,7 @@ def _launch(x, w, parts, out_dtype, splits, config):
         qtype, qs, sc, mn = None, w, w, w
         strides = (w.stride(0), w.stride(1), 0)
     grid, kw, ws_shape, counted = _plan(M, N, K_local, parts, x.dtype == torch.float32, splits, config,
-                                        _n_sm(x.device), os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF,
-                                        qtype)
+                                        n_sm, hopper, os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF, qtype)
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
     _tbik_kernel[grid](x, qs, sc, mn, out, ws, _counters(x.device) if counted else ws, M, N,
@@ -442,7 +462,8 @@ def tbik_matmul_partial(x_local: torch.Tensor, w_local, parts: int = 1, splits: 
     """This rank's subtree root (FP32 [M, N]) of x @ w.T where the global K is split into
     ``parts`` equal contiguous slices; x_local [M, K/parts], w_local [N, K/parts] (bf16, fp16 or
     fp32 in x's dtype, or a QuantWeight: Q4_0/Q4_1/Q8_0 planes read directly, each weight
-    dequantized in registers to x's dtype, so the bits equal those of the dequantized weight).  ``splits`` (programs per output tile)
+    dequantized in registers to x's dtype, so the bits equal those of the dequantized weight).
+    ``splits`` (programs per output tile)
     and ``config`` override the launch shape; no choice changes the bits."""
     return _launch(x_local, w_local, parts, torch.float32, splits, config)
 
