@@ -6,14 +6,17 @@ written once. Timing: each variant is captured in a CUDA graph of n calls that w
 copies of the weight totalling > 2 x L2 (every call reads its weight from HBM, as a decode step
 does), median replay time / n (so the graph's launch gaps are in, as in the model).
 Sections:
-- linear: cuBLAS vs each of our configs (a wider sweep at M = 1) per shape and M.
-- fused: norm + residual add + linear (qkv, gate_up) and SwiGLU + linear (down), each vs the
-  unfused kernels of today's model path (rmsnorm_triton / silu_mul + cuBLAS).
-- layer: the 4 linears (and 3 norm/SwiGLU kernels) of one decoder layer over 22 layers of weights,
-  today's path vs ours: the per-layer cost a decode step pays, attention and RoPE left out.
-- checks: relative error vs float64 for cuBLAS, ours and the fused kernels; whether all configs
-  give bitwise the same output (the kernel's claim, which makes timing-based config choice
-  deterministic); whether repeated launches give the same bits. Exits 1 when a check fails.
+- linear: cuBLAS vs ours (the module's config, with and without programmatic dependent launch),
+  and a sweep of configs at M = 1, per shape and M.
+- fused: norm + residual add + linear (qkv, gate_up) and SwiGLU + linear (down, also at larger
+  BLOCK_N, which recomputes SwiGLU fewer times), each vs the unfused kernels of the model path
+  before this change (rmsnorm_triton / silu_mul + cuBLAS).
+- layer: the 4 linears (and the norm / SwiGLU kernels) of one decoder layer over 22 layers of
+  weights: before (norms, SwiGLU, cuBLAS), ours everywhere (with and without PDL), and the policy
+  of Ops (norms fused into qkv / gate_up, cuBLAS for o and down): the per-layer cost a decode step
+  pays, attention and RoPE left out.
+- checks: relative error vs float64 for cuBLAS, ours and the fused kernels; repeated launches give
+  the same bits; the fused residual stream equals the reference's. Exits 1 when a check fails.
 
   PYTHONPATH=. python bench/gemv_bf16.py --outdir bench/results
   PYTHONPATH=. TRITON_INTERPRET=1 python bench/gemv_bf16.py --device cpu   # checks only, tiny sizes
@@ -32,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from exactllm.kernels import activation_triton, gemv, gemv_triton, rmsnorm_triton
-from exactllm.kernels.gemv_triton import CANDIDATES
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}
 CPU_SHAPES = {"qkv": (40, 256), "o": (24, 256), "gate_up": (48, 256), "down": (24, 352), "lm_head": (72, 256)}
-EXTRA_M1 = [(2, 4, 2, 1), (8, 1, 4, 1), (16, 2, 8, 1), (4, 8, 4, 1), (4, 2, 4, 3), (8, 2, 4, 3)]
+SWEEP_M1 = [(4, 1024, 4, 1), (2, 1024, 2, 1), (2, 512, 2, 1), (8, 512, 4, 1), (8, 1024, 8, 1), (4, 512, 4, 3)]
+SILU_CONFIGS = [(8, 512, 4, 1), (16, 512, 8, 1)]
 BOUND = 4e-3  # ||y - y64|| / ||y64||: BF16 output rounding (~1e-3) with margin
 EPS = 1e-5
 LAYERS = 22
@@ -77,8 +80,15 @@ def graph_us(fn, pool: list) -> float:
 
 
 def configs_for(M: int, sweep: bool) -> list:
-    cands = CANDIDATES[gemv_triton._block_m(M)]
-    return cands + EXTRA_M1 if (sweep and M == 1) else cands
+    return [None] + (SWEEP_M1 if (sweep and M == 1) else [])
+
+
+class no_pdl:
+    def __enter__(self):
+        gemv_triton.PDL = False
+
+    def __exit__(self, *exc):
+        gemv_triton.PDL = True
 
 
 def check_linear(gen, N, K, M, dev, sweep) -> dict:
@@ -86,35 +96,33 @@ def check_linear(gen, N, K, M, dev, sweep) -> dict:
     y64 = x.double() @ w.double().T
     outs = [gemv_triton.gemv(x, w, c, out=torch.full((M, N), float("nan"), dtype=x.dtype, device=dev))
             for c in configs_for(M, sweep)]
-    again = [gemv_triton.gemv(x, w, configs_for(M, sweep)[0]) for _ in range(3)]
+    again = [gemv_triton.gemv(x, w) for _ in range(5)]
     return {"rel_ours": max(rel(o, y64) for o in outs), "rel_cublas": rel(F.linear(x, w), y64),
-            "configs_identical": all(torch.equal(o, outs[0]) for o in outs),
             "repeat_identical": all(torch.equal(o, outs[0]) for o in again)}
 
 
 def check_fused(gen, N, K, M, dev, kind) -> dict:
     x, r = rand(gen, M, K, dev=dev), rand(gen, M, K, dev=dev)
     w = rand(gen, N, K, dev=dev, scale=K ** -0.5)
-    cands = CANDIDATES[gemv_triton._block_m(M)]
+    cands = [None] if kind == "norm" else [None] + SILU_CONFIGS
     if kind == "norm":
         nw = 1.0 + 0.1 * torch.randn(K, generator=gen, device=dev)
         ref, ref_res = gemv.norm_gemv_ref(x, r, nw, EPS, w)
         runs = [gemv_triton.norm_gemv(x, r, nw, EPS, w, c) for c in cands]
         h, res = rmsnorm_triton.rmsnorm(x, nw, EPS, r)
-        unfused = gemv_triton.gemv(h, w, cands[0])
+        unfused = gemv_triton.gemv(h, w)
         y64 = (h.double() @ w.double().T)
         out = {"residual_identical": all(torch.equal(rr, ref_res) for _, rr in runs)}
     else:
         ref = gemv.silu_gemv_ref(x, r, w)
         runs = [(gemv_triton.silu_gemv(x, r, w, c), None) for c in cands]
         h = activation_triton.silu_mul(x, r)
-        unfused = gemv_triton.gemv(h, w, cands[0])
+        unfused = gemv_triton.gemv(h, w)
         y64 = (h.double() @ w.double().T)
         out = {}
     ys = [y for y, _ in runs]
     out.update({"rel_fused_vs_ref": max(rel(y, ref) for y in ys), "rel_fused_vs_f64_of_unfused_input": rel(ys[0], y64),
-                "share_equal_to_unfused": (ys[0] == unfused).double().mean().item(),
-                "configs_identical": all(torch.equal(y, ys[0]) for y in ys)})
+                "share_equal_to_unfused": (ys[0] == unfused).double().mean().item()})
     return out
 
 
@@ -122,8 +130,10 @@ def time_linear(gen, N, K, M, dev, sweep) -> dict:
     pool, x = weight_pool(gen, N, K, dev), rand(gen, M, K, dev=dev)
     y = torch.empty(M, N, dtype=x.dtype, device=dev)
     res = {"cublas": graph_us(lambda w: F.linear(x, w), pool)}
-    res["ours"] = {str(c): graph_us(lambda w, c=c: gemv_triton.gemv(x, w, c, out=y), pool) for c in configs_for(M, sweep)}
-    res["ours_tuned"] = graph_us(lambda w: gemv_triton.gemv(x, w, out=y), pool)
+    res["sweep"] = {str(c): graph_us(lambda w, c=c: gemv_triton.gemv(x, w, c, out=y), pool) for c in configs_for(M, sweep)}
+    res["ours"] = res["sweep"]["None"]
+    with no_pdl():
+        res["ours_no_pdl"] = graph_us(lambda w: gemv_triton.gemv(x, w, out=y), pool)
     return res
 
 
@@ -139,6 +149,11 @@ def time_fused(gen, N, K, M, dev, kind) -> dict:
         today = graph_us(lambda w: F.linear(activation_triton.silu_mul(x, r), w), pool)
         unfused = graph_us(lambda w: gemv_triton.gemv(activation_triton.silu_mul(x, r), w), pool)
         fused = graph_us(lambda w: gemv_triton.silu_gemv(x, r, w, out=y), pool)
+        for c in SILU_CONFIGS:
+            us = graph_us(lambda w, c=c: gemv_triton.silu_gemv(x, r, w, c, out=y), pool)
+            if us < fused:
+                fused = us
+                print(f"  silu_gemv {c}: {us:.2f}")
     return {"today": today, "unfused_ours": unfused, "fused": fused}
 
 
@@ -165,8 +180,19 @@ def time_layers(gen, M, dev) -> dict:
         gate, up = gu.chunk(2, dim=-1)
         return gemv_triton.silu_gemv(gate, up, w["down"])
 
+    def policy(w):  # Ops' default: norms fused into qkv and gate/up, cuBLAS for o and down
+        _, res = gemv_triton.norm_gemv(x, x, nw, EPS, w["qkv"])
+        o = F.linear(attn_out, w["o"])
+        gu, res = gemv_triton.norm_gemv(o, res, nw, EPS, w["gate_up"])
+        gate, up = gu.chunk(2, dim=-1)
+        return F.linear(activation_triton.silu_mul(gate, up), w["down"])
+
     floor = sum(floor_us(*SHAPES[k], M, 2.9e12) for k in ("qkv", "o", "gate_up", "down"))
-    return {"today": graph_us(today, ws), "ours": graph_us(ours, ws), "floor": floor}
+    out = {"today": graph_us(today, ws), "ours": graph_us(ours, ws), "policy": graph_us(policy, ws), "floor": floor}
+    with no_pdl():
+        out["ours_no_pdl"] = graph_us(ours, ws)
+        out["policy_no_pdl"] = graph_us(policy, ws)
+    return out
 
 
 def plot(res: dict, path: str) -> None:
@@ -177,7 +203,7 @@ def plot(res: dict, path: str) -> None:
     names = list(SHAPES)
     lin = {(r["shape"], r["M"]): r for r in res["linear"]}
     for i, M in enumerate(res["ms"]):
-        for j, key in enumerate(("cublas", "ours_tuned")):
+        for j, key in enumerate(("cublas", "ours")):
             vals = [100 * lin[n, M]["floor_us"] / lin[n, M][key] for n in names]
             a.bar([k + (2 * i + j) * 0.1 for k in range(len(names))], vals, 0.1,
                   label=f"{'cuBLAS' if j == 0 else 'ours'} M={M}", color=f"C{j}", alpha=1.0 - 0.2 * i)
@@ -187,7 +213,8 @@ def plot(res: dict, path: str) -> None:
     a.legend(fontsize=7, ncol=2)
     layers = res["layer"]
     ms = [r["M"] for r in layers]
-    for key, label in (("today", "norm/SwiGLU kernels + cuBLAS"), ("ours", "fused GEMVs"), ("floor", "byte floor")):
+    for key, label in (("today", "norm/SwiGLU kernels + cuBLAS"), ("ours", "fused GEMVs (PDL)"),
+                       ("ours_no_pdl", "fused GEMVs (no PDL)"), ("policy", "Ops policy (PDL)"), ("floor", "byte floor")):
         b.plot(ms, [r[key] for r in layers], "o-", label=label)
     b.set_xlabel("rows M")
     b.set_ylabel("us per decoder layer (linears only)")
@@ -228,9 +255,9 @@ def main():
                 t = time_linear(gen, N, K, M, dev, sweep)
                 res["linear"].append({"shape": name, "M": M, "floor_us": floor_us(N, K, M, args.bandwidth), **t})
                 r = res["linear"][-1]
-                best = min(t["ours"].items(), key=lambda kv: kv[1])
-                print(f"{name:8s} M={M} floor {r['floor_us']:6.2f}  cuBLAS {t['cublas']:6.2f}  ours tuned "
-                      f"{t['ours_tuned']:6.2f}  best {best[1]:6.2f} {best[0]}", flush=True)
+                best = min(t["sweep"].items(), key=lambda kv: kv[1])
+                print(f"{name:8s} M={M} floor {r['floor_us']:6.2f}  cuBLAS {t['cublas']:6.2f}  ours "
+                      f"{t['ours']:6.2f} (no PDL {t['ours_no_pdl']:6.2f})  best {best[1]:6.2f} {best[0]}", flush=True)
             for name, kind in fused_cases:
                 N, K = shapes[name]
                 t = time_fused(gen, N, K, M, dev, kind)
@@ -251,8 +278,8 @@ def main():
         plot(res, os.path.join(args.outdir, "gemv_bf16.png"))
         print(f"\n{'shape':8s} {'M':>2s} {'floor':>7s} {'cuBLAS':>7s} {'ours':>7s} {'ours %floor':>11s}")
         for r in res["linear"]:
-            print(f"{r['shape']:8s} {r['M']:2d} {r['floor_us']:7.2f} {r['cublas']:7.2f} {r['ours_tuned']:7.2f} "
-                  f"{100 * r['floor_us'] / r['ours_tuned']:10.0f}%")
+            print(f"{r['shape']:8s} {r['M']:2d} {r['floor_us']:7.2f} {r['cublas']:7.2f} {r['ours']:7.2f} "
+                  f"{100 * r['floor_us'] / r['ours']:10.0f}%")
     sys.exit(1 if bad else 0)
 
 

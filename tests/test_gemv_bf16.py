@@ -26,9 +26,10 @@ from kernel_testing import BOUND, fresh_gen, poison, rel
 
 DT = torch.float16
 EPS = 1e-5
-# N = 40 is no multiple of BLOCK_N 8 or 16 (masked rows); K = 600 no multiple of LANES = 256
-# (masked tail); M = 11 needs two row blocks of BLOCK_M = 8.
+# N = 40 is no multiple of BLOCK_N 16 (masked rows); K = 600 no multiple of any BLOCK_K (masked
+# tail; the prefetched next tile runs past K); M = 11 needs two row blocks of BLOCK_M = 8.
 N, K = 40, 600
+CONFIGS = [None, (4, 256, 4, 1), (16, 512, 8, 1), (2, 64, 2, 1)]  # None: the module's CONFIGS
 
 
 def inputs(gen, M):
@@ -44,22 +45,20 @@ def norm64(s, nw):
     return s / (s.pow(2).mean(-1, keepdim=True) + EPS).sqrt() * nw.double()
 
 
-@pytest.mark.parametrize("M", [1, 3, 8, 11])
-def test_gemv_matches_reference_and_every_config_gives_the_same_bits(M):
+@pytest.mark.parametrize("M", [1, 3, 11])
+def test_gemv_matches_reference(M):
     gen, seed = fresh_gen()
     x, _, w, _ = inputs(gen, M)
     y64 = x.double() @ w.double().T
     ref = gemv.gemv_ref(x, w)
     assert rel(ref, y64) <= BOUND[DT], f"reference (seed {seed})"
-    outs = [gemv_triton.gemv(x, w, c, out=poison((M, N), DT)) for c in gemv_triton.CANDIDATES[gemv_triton._block_m(M)]]
-    outs.append(gemv_triton.gemv(x, w))  # the default config (no timing on CPU)
-    for y in outs:
+    for c in CONFIGS:
+        y = gemv_triton.gemv(x, w, c, out=poison((M, N), DT))
         assert rel(y, y64) <= BOUND[DT], f"kernel off (seed {seed})"
         assert rel(y, ref) <= 2 * BOUND[DT], f"kernel vs reference (seed {seed})"
-        assert torch.equal(y, outs[0]), f"configs differ (seed {seed})"
 
 
-@pytest.mark.parametrize("M", [1, 5, 11])
+@pytest.mark.parametrize("M", [1, 11])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_norm_gemv_matches_reference_and_the_unfused_ops(M, with_residual):
     gen, seed = fresh_gen()
@@ -70,7 +69,7 @@ def test_norm_gemv_matches_reference_and_the_unfused_ops(M, with_residual):
     s = (x.float() + r.float()).to(DT) if with_residual else x
     y64 = norm64(s, nw) @ w.double().T
     assert rel(ref, y64) <= BOUND[DT], f"reference (seed {seed})"
-    for c in gemv_triton.CANDIDATES[gemv_triton._block_m(M)]:
+    for c in CONFIGS:
         y, res = gemv_triton.norm_gemv(x, residual, nw, EPS, w, c, out=poison((M, N), DT),
                                        residual_out=poison((M, K), DT) if with_residual else None)
         assert rel(y, y64) <= BOUND[DT], f"kernel off (seed {seed})"
@@ -97,7 +96,7 @@ def test_silu_gemv_on_the_halves_of_one_gate_up_output(M):
     y64 = (g64 * torch.sigmoid(g64) * up.double()) @ w.double().T
     assert rel(ref, y64) <= BOUND[DT], f"reference (seed {seed})"
     unfused = gemv_triton.gemv(activation_triton.silu_mul(gate, up), w)
-    for c in gemv_triton.CANDIDATES[gemv_triton._block_m(M)]:
+    for c in CONFIGS:
         y = gemv_triton.silu_gemv(gate, up, w, c, out=poison((M, N), DT))
         assert rel(y, y64) <= BOUND[DT], f"kernel off (seed {seed})"
         assert rel(y, ref) <= 2 * BOUND[DT], f"kernel vs reference (seed {seed})"
@@ -123,8 +122,16 @@ def calls(monkeypatch):
     return counts
 
 
+@pytest.fixture
+def gemv_everywhere(monkeypatch):
+    """The fast-mode CUDA policy with our GEMV for every few-row dense linear, SwiGLU fused too."""
+    monkeypatch.setattr(ops_module, "GEMV_MAX_M", 8)
+    monkeypatch.setattr(ops_module, "GEMV_PLAIN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(ops_module, "GEMV_SWIGLU", True)
+
+
 @pytest.mark.parametrize("M", [1, 3])
-def test_fast_cuda_mlp_runs_fused_and_agrees_with_the_unfused_cpu_ops(M, calls):
+def test_fast_cuda_mlp_runs_fused_and_agrees_with_the_unfused_cpu_ops(M, calls, gemv_everywhere):
     """Ops for CUDA in fast mode (run here on CPU tensors through the interpreter) sends the
     norm + gate/up and SwiGLU + down of the MLP to the fused GEMVs; the CPU ops run the norm,
     the linears and SwiGLU separately. Same result within the bound."""
@@ -152,12 +159,19 @@ def test_gemv_is_used_only_in_fast_mode_for_few_rows_of_16_bit_dense_weights(cal
     gen, _ = fresh_gen()
     w = (torch.randn(24, 64, generator=gen) / 8).to(DT)
     fast, inv = Ops("cuda", Numerics("fast")), Ops("cuda", Numerics("batch_invariant"))
-    fast.linear(torch.randn(ops_module.GEMV_MAX_M, 64, generator=gen).to(DT), w)
+    m = ops_module.GEMV_MAX_M
+
+    def x(rows, dtype=DT):
+        return torch.randn(rows, 64, generator=gen).to(dtype)
+    fast.norm_linear(x(m), x(m), torch.ones(64), EPS, w)
+    fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())
+    assert calls == {"gemv": 0, "norm_gemv": 1, "silu_gemv": 0}  # plain linear too small, SwiGLU unfused
+    monkeypatch.setattr(ops_module, "GEMV_PLAIN_MIN_WEIGHT", w.numel())
+    fast.linear(x(m), w)
     assert calls["gemv"] == 1
-    inv.linear(torch.randn(2, 64, generator=gen).to(DT), w)  # invariant: the fixed-tile GEMM
-    fast.linear(torch.randn(ops_module.GEMV_MAX_M + 1, 64, generator=gen).to(DT), w)  # too many rows
-    fast.linear(torch.randn(2, 64, generator=gen), w.float())  # float32
-    monkeypatch.setattr(ops_module, "GEMV_MAX_WEIGHT", w.numel() - 1)
-    fast.linear(torch.randn(2, 64, generator=gen).to(DT), w)  # weight too large (lm_head)
-    inv.norm_linear(torch.randn(2, 64, generator=gen).to(DT), None, torch.ones(64), EPS, w)
-    assert calls == {"gemv": 1, "norm_gemv": 0, "silu_gemv": 0}
+    inv.linear(x(1), w)  # invariant: the fixed-tile GEMM
+    inv.norm_linear(x(1), None, torch.ones(64), EPS, w)
+    fast.linear(x(m + 1), w)  # too many rows
+    fast.norm_linear(x(m + 1), None, torch.ones(64), EPS, w)
+    fast.linear(x(1, torch.float32), w.float())  # float32
+    assert calls == {"gemv": 1, "norm_gemv": 1, "silu_gemv": 0}

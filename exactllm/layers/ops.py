@@ -6,10 +6,10 @@
   construction (elementwise products and pairwise adds in one fixed order); in batch_invariant,
   quantized linears use the fused C kernel at every M (its per-element order depends on K only).
 - CUDA: Triton kernels (kernels/*_triton.py, imported lazily so CPU-only installs never need
-  triton). fast: for up to GEMV_MAX_M rows of a dense 16-bit linear our GEMV (gemv_triton.py),
-  which also takes in the RMSNorm before it (norm_linear) and the SwiGLU before the down projection
-  (swiglu_linear); cuBLAS for the other dense linears, M-dependent tiles for quantized ones, unsplit
-  prefill attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
+  triton). fast: for up to GEMV_MAX_M rows of a dense 16-bit linear our GEMV (gemv_triton.py)
+  where it beats cuBLAS, the RMSNorm before qkv and gate/up fused into it (norm_linear) and, by
+  GEMV_SWIGLU, the SwiGLU before the down projection (swiglu_linear); cuBLAS for the other dense
+  linears, M-dependent tiles for quantized ones, unsplit prefill attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
   with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode alike;
   RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
   tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py).
@@ -25,10 +25,13 @@ from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope, 
 from exactllm.layers.parallel import TPContext
 from exactllm.numerics import Numerics
 
-# Fast mode on CUDA: dense 16-bit linears of at most GEMV_MAX_M rows and GEMV_MAX_WEIGHT weight
-# elements run our GEMV (H100, bench/gemv_bf16.py: faster than cuBLAS there).
-GEMV_MAX_M = 8
-GEMV_MAX_WEIGHT = 1 << 25
+# Fast mode on CUDA, dense 16-bit weights, at most GEMV_MAX_M rows: where our GEMV beat cuBLAS on the
+# H100 (bench/gemv_bf16.py, results/gemv_bf16.json): the projections that take the RMSNorm in
+# (norm_linear: qkv, gate/up), plain linears of at least GEMV_PLAIN_MIN_WEIGHT elements (lm_head),
+# and the SwiGLU + down projection if GEMV_SWIGLU.
+GEMV_MAX_M = 1
+GEMV_PLAIN_MIN_WEIGHT = 1 << 25
+GEMV_SWIGLU = False
 
 
 @dataclass(frozen=True)
@@ -45,14 +48,13 @@ class Ops:
         return self.device_type == "cuda"
 
     def _gemv(self, x: torch.Tensor, w) -> bool:
-        """Whether x @ w.T runs our few-row GEMV (fast mode, CUDA, a dense weight of x's 16-bit dtype)."""
+        """Whether x @ w.T may run our few-row GEMV (fast mode, CUDA, a dense weight of x's 16-bit dtype)."""
         return (self._cuda and not self.numerics.invariant and isinstance(w, torch.Tensor)
-                and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
-                and x.shape[0] <= GEMV_MAX_M and w.numel() <= GEMV_MAX_WEIGHT)
+                and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and x.shape[0] <= GEMV_MAX_M)
 
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
-        if self._gemv(x, w):
+        if self._gemv(x, w) and w.numel() >= GEMV_PLAIN_MIN_WEIGHT:
             from exactllm.kernels import gemv_triton
             return gemv_triton.gemv(x, w)
         if self._exact_cpu:
@@ -100,7 +102,7 @@ class Ops:
         """Row-parallel down projection of silu(gate) * up, gate and up the two halves of gate_up;
         one kernel where our GEMV runs (the halves are read as strided views, never copied)."""
         gate, up = gate_up.chunk(2, dim=-1)
-        if not self._gemv(gate, w):
+        if not (GEMV_SWIGLU and self._gemv(gate, w)):
             return self.row_parallel_linear(self.silu_mul(gate, up), w, tp)
         from exactllm.kernels import gemv_triton
         y = gemv_triton.silu_gemv(gate, up, w)
