@@ -126,7 +126,6 @@ def calls(monkeypatch):
 def gemv_everywhere(monkeypatch):
     """The fast-mode CUDA policy with our GEMV for every few-row dense linear, SwiGLU fused too."""
     monkeypatch.setattr(ops_module, "GEMV_MAX_M", 8)
-    monkeypatch.setattr(ops_module, "GEMV_PLAIN_MIN_WEIGHT", 0)
     monkeypatch.setattr(ops_module, "GEMV_SWIGLU", True)
 
 
@@ -165,13 +164,14 @@ def test_gemv_is_used_only_in_fast_mode_for_few_rows_of_16_bit_dense_weights(cal
         return torch.randn(rows, 64, generator=gen).to(dtype)
     fast.norm_linear(x(m), x(m), torch.ones(64), EPS, w)
     fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())
-    assert calls == {"gemv": 0, "norm_gemv": 1, "silu_gemv": 0}  # plain linear too small, SwiGLU unfused
-    monkeypatch.setattr(ops_module, "GEMV_PLAIN_MIN_WEIGHT", w.numel())
     fast.linear(x(m), w)
-    assert calls["gemv"] == 1
+    assert calls == {"gemv": 1, "norm_gemv": 1, "silu_gemv": 1}
+    monkeypatch.setattr(ops_module, "GEMV_SWIGLU", False)
+    fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())  # SwiGLU kernel + GEMV
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1}
     inv.linear(x(1), w)  # invariant: the fixed-tile GEMM
     inv.norm_linear(x(1), None, torch.ones(64), EPS, w)
     fast.linear(x(m + 1), w)  # too many rows
     fast.norm_linear(x(m + 1), None, torch.ones(64), EPS, w)
     fast.linear(x(1, torch.float32), w.float())  # float32
-    assert calls == {"gemv": 1, "norm_gemv": 1, "silu_gemv": 0}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1}

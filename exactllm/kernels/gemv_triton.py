@@ -38,7 +38,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 MAX_BLOCK_M = 8
 PLAIN, NORM, NORM_ADD, SILU = 0, 1, 2, 3
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, from the H100 sweep of bench/gemv_bf16.py.
-CONFIGS = {1: (4, 512, 4, 1), 2: (4, 512, 4, 1), 4: (4, 256, 4, 1), 8: (4, 256, 4, 1)}
+CONFIGS = {1: (4, 1024, 4, 1), 2: (4, 512, 4, 1), 4: (4, 256, 4, 1), 8: (4, 256, 4, 1)}
 PDL = True  # programmatic dependent launch on CUDA (Hopper and later)
 
 

@@ -6,10 +6,10 @@
   construction (elementwise products and pairwise adds in one fixed order); in batch_invariant,
   quantized linears use the fused C kernel at every M (its per-element order depends on K only).
 - CUDA: Triton kernels (kernels/*_triton.py, imported lazily so CPU-only installs never need
-  triton). fast: for up to GEMV_MAX_M rows of a dense 16-bit linear our GEMV (gemv_triton.py)
-  where it beats cuBLAS, the RMSNorm before qkv and gate/up fused into it (norm_linear) and, by
-  GEMV_SWIGLU, the SwiGLU before the down projection (swiglu_linear); cuBLAS for the other dense
-  linears, M-dependent tiles for quantized ones, unsplit prefill attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
+  triton). fast: for up to GEMV_MAX_M rows of a dense 16-bit linear our GEMV (gemv_triton.py),
+  the RMSNorm before qkv and gate/up fused into it (norm_linear) and, by GEMV_SWIGLU, the SwiGLU
+  before the down projection (swiglu_linear); cuBLAS for the other dense linears, M-dependent tiles
+  for quantized ones, unsplit prefill attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
   with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode alike;
   RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
   tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py).
@@ -25,13 +25,11 @@ from exactllm.kernels import activation, attention, cpu_qmatmul, rmsnorm, rope, 
 from exactllm.layers.parallel import TPContext
 from exactllm.numerics import Numerics
 
-# Fast mode on CUDA, dense 16-bit weights, at most GEMV_MAX_M rows: where our GEMV beat cuBLAS on the
-# H100 (bench/gemv_bf16.py, results/gemv_bf16.json): the projections that take the RMSNorm in
-# (norm_linear: qkv, gate/up), plain linears of at least GEMV_PLAIN_MIN_WEIGHT elements (lm_head),
-# and the SwiGLU + down projection if GEMV_SWIGLU.
+# Fast mode on CUDA, dense 16-bit weights: our GEMV for at most GEMV_MAX_M rows, where it beat cuBLAS
+# on every TinyLlama linear on the H100 (bench/gemv_bf16.py, bench/results/gemv_bf16.json; at M = 2
+# cuBLAS wins on gate/up and lm_head), with the SwiGLU fused into the down projection if GEMV_SWIGLU.
 GEMV_MAX_M = 1
-GEMV_PLAIN_MIN_WEIGHT = 1 << 25
-GEMV_SWIGLU = False
+GEMV_SWIGLU = True
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class Ops:
 
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
-        if self._gemv(x, w) and w.numel() >= GEMV_PLAIN_MIN_WEIGHT:
+        if self._gemv(x, w):
             from exactllm.kernels import gemv_triton
             return gemv_triton.gemv(x, w)
         if self._exact_cpu:
