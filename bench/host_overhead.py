@@ -3,9 +3,11 @@
 On a GPU the engine's Python work per step (scheduling, building the step's inputs, filling the
 CUDA graph's input buffers, sampler bookkeeping, stop checks) runs while the GPU waits. Here the
 model's forward returns fixed logits at once (a 64-token vocabulary, so the CPU greedy pick is
-negligible), so what remains is host time. Four cases per batch size B:
+negligible), so what remains is host time. Five cases per batch size B:
   graph: pure-decode steps through ``DecodeGraphs`` (its real input fill into CPU buffers; the
          replay is a no-op returning fixed logits and picks), the path of GPU decode;
+  async: the graph path with async scheduling (step n+1 scheduled ahead and fed on the device;
+         on a GPU this host time runs while the device computes, and is hidden if shorter);
   eager: the same steps through ``build_inputs`` (TP, prefill, steps the graphs do not take);
   stop:  the graph path with a stop string in every request (detokenization, stop checks);
   sample: the graph path with temperature 0.8 (sampler, one random number per token).
@@ -45,7 +47,7 @@ from exactllm.engine.cuda_graphs import DecodeGraphs
 from exactllm.engine.scheduler import Scheduler
 
 STUB_VOCAB = 64
-MODES = ("graph", "eager", "stop", "sample")
+MODES = ("graph", "async", "eager", "stop", "sample")
 
 
 class StubModel:
@@ -111,12 +113,17 @@ def run_case(llm: LLM, batch: int, mode: str, args, profile: bool = False) -> di
     engine.block_manager = BlockManager(blocks, bs)
     engine.scheduler = Scheduler(engine.block_manager, max(batch, 1), args.max_batched_tokens)
     engine._randoms.clear()
+    engine._inflight = None  # a step left in flight by the case before
+    engine.async_scheduling = mode == "async"
     runner = engine.runner
     runner.graphs = host_graphs(runner) if mode != "eager" else None
     sched_t, runner_t = [], []
     engine.scheduler.schedule = timed(engine.scheduler.schedule, sched_t)
     runner_step = runner.step
     runner.step = timed(runner_step, runner_t)
+    launch = getattr(runner, "launch", None)  # absent before async scheduling (--baseline-ref)
+    if launch is not None:
+        runner.launch = timed(launch, runner_t)
     params = SamplingParams(temperature=0.8 if mode == "sample" else 0.0, max_tokens=max_tokens, ignore_eos=True,
                             stop=["\n\n"] if mode == "stop" else [])
     gen = torch.Generator().manual_seed(batch)
@@ -142,9 +149,11 @@ def run_case(llm: LLM, batch: int, mode: str, args, profile: bool = False) -> di
             prof.disable()
         total.append(time.perf_counter() - t)
     runner.step = runner_step
+    if launch is not None:
+        runner.launch = launch
     for s in seqs:
         engine.abort(s)
-    us = lambda xs: round(statistics.median_high(xs) * 1e6, 1)
+    us = lambda xs: round(statistics.median_high(xs) * 1e6, 1) if xs else 0.0  # async: no schedule() calls
     row = {"batch": batch, "mode": mode, "us_per_step": us(total), "schedule_us": us(sched_t),
            "runner_us": us(runner_t), "prefill_steps": len(prefill),
            "prefill_us_per_step": round(sum(prefill) / len(prefill) * 1e6, 1)}
@@ -226,7 +235,7 @@ def plot(rows: list[dict], base: list[dict] | None, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, color in zip(MODES, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+    for mode, color in zip(MODES, ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red")):
         for data, style, label in ((base, "--", "before"), (rows, "-", "after" if base else "")):
             if not data:
                 continue

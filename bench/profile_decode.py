@@ -7,7 +7,10 @@ For each model and batch size: B random prompts of --prompt-len tokens are prefi
    that fusion can remove);
 2. graphs on: the captured decode graph of bucket B is replayed alone (CUDA events, median
    of 50: the GPU time of a step) and the whole engine step (host scheduling, graph input
-   copies, sampling) is timed by wall clock (median of --steps).
+   copies, sampling) is timed by wall clock: --steps calls of engine.step() back to back, one
+   device sync after them, divided by --steps (with async scheduling a call returns while the
+   device still runs; a sync per call would undo the overlap). Once with the engine's async
+   scheduling, once without (sync_engine_step_us).
 Launch count per step is what bounds batch-1 decode once the weights are read near bandwidth.
 
   PYTHONPATH=. python bench/profile_decode.py --models 'random:tinyllama-1.1b,random:tinyllama-1.1b?quant=q4_0' \
@@ -21,7 +24,6 @@ import gc
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -52,7 +54,7 @@ def run_case(llm, batch: int, args) -> dict:
     engine = llm.engine
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None  # eager first, for the profiler
-    params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=4 * args.steps + 16, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
     vocab = llm.source.config.vocab
     seqs = [engine.add_request(torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist(), params)
@@ -72,16 +74,19 @@ def run_case(llm, batch: int, args) -> dict:
     runner.graphs = graphs
     if graphs is not None:
         engine.step()  # captures the bucket's graph
-        walls = []
-        for _ in range(args.steps):
+        flag = engine.async_scheduling
+        for key, mode in (("engine_step_us", flag), ("sync_engine_step_us", False)):
+            engine.async_scheduling = mode
+            engine.step()  # the first step of a mode sends a step ahead (async) or finishes one
             torch.cuda.synchronize()
             t = time.perf_counter()
-            engine.step()
+            for _ in range(args.steps):
+                engine.step()
             torch.cuda.synchronize()
-            walls.append((time.perf_counter() - t) * 1e6)
+            rec[key] = (time.perf_counter() - t) / args.steps * 1e6
+        engine.async_scheduling = flag
         bucket = graphs._bucket(batch)
-        rec.update(graph_step_us=graph_replay_seconds(graphs.graphs[bucket][0]) * 1e6,
-                   engine_step_us=statistics.median_high(walls))
+        rec.update(graph_step_us=graph_replay_seconds(graphs.graphs[bucket][0]) * 1e6)
     for s in seqs:
         engine.abort(s)
     return rec
@@ -102,14 +107,14 @@ def main() -> int:
     cases = []
     for model in args.models.split(","):
         llm = LLM(model, device="cuda", numerics=args.numerics, max_num_seqs=max(batches),
-                  max_model_len=args.prompt_len + 3 * args.steps + 64)
+                  max_model_len=args.prompt_len + 4 * args.steps + 64)
         for b in batches:
             rec = {"model": model, **run_case(llm, b, args)}
             cases.append(rec)
             print(f"\n== {model} {args.numerics} batch {b}: {rec['kernels_per_step']:.0f} kernels/step "
                   f"({rec['matmul_kernels_per_step']:.0f} matmul), eager GPU time {rec['gpu_us_per_step']:.0f} us/step "
                   f"(matmul {rec['matmul_us_per_step']:.0f} us); graph step {rec.get('graph_step_us', 0):.0f} us, "
-                  f"engine step {rec.get('engine_step_us', 0):.0f} us")
+                  f"engine step {rec.get('engine_step_us', 0):.0f} us (sync {rec.get('sync_engine_step_us', 0):.0f} us)")
             print(f"{'us/step':>9} {'n/step':>7} {'us each':>8}  kernel")
             for r in rec["kernels"][:args.top]:
                 print(f"{r['us_per_step']:9.1f} {r['per_step']:7.1f} {r['us_each']:8.2f}  {r['kernel']}")
@@ -121,11 +126,11 @@ def main() -> int:
         json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
                    "numerics": args.numerics, "prompt_len": args.prompt_len, "cases": cases}, f, indent=1)
     print(f"\n{'model':40} {'batch':>5} {'kern/step':>9} {'matmul':>6} {'eager us':>8} {'mm us':>7} "
-          f"{'graph us':>8} {'engine us':>9}")
+          f"{'graph us':>8} {'engine us':>9} {'sync us':>8}")
     for c in cases:
         print(f"{c['model']:40} {c['batch']:5d} {c['kernels_per_step']:9.0f} {c['matmul_kernels_per_step']:6.0f} "
               f"{c['gpu_us_per_step']:8.0f} {c['matmul_us_per_step']:7.0f} {c.get('graph_step_us', 0):8.0f} "
-              f"{c.get('engine_step_us', 0):9.0f}")
+              f"{c.get('engine_step_us', 0):9.0f} {c.get('sync_engine_step_us', 0):8.0f}")
     return 0
 
 

@@ -199,10 +199,7 @@ def _position_off_by_one(engine):
     def broken(prev):
         args = ahead(prev)
         if args is not None:
-            chunks = [ScheduledChunk(ch.seq, ch.start - 1, 1) for ch in args[0]]
-            for ch in chunks:
-                ch.completes = True
-            args = (chunks, *args[1:])
+            args = ([ScheduledChunk(ch.seq, ch.start - 1, 1, True) for ch in args[0]], *args[1:])
         return args
     engine._decode_ahead = broken
 

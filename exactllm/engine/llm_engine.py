@@ -196,22 +196,24 @@ class LLMEngine:
         """Step n = prev is on the device: commit its blocks (as the synchronous engine does first
         after a step; only token ids are read), send step n+1 where it can go ahead, then read
         step n's tokens and process them."""
+        finished, commit = Status.FINISHED, self.block_manager.commit_full_blocks
         for ch in prev.chunks:
-            if not ch.seq.finished:
-                ch.seq.num_computed = ch.start + ch.length
-                self.block_manager.commit_full_blocks(ch.seq)
-        ahead = self._decode_ahead(prev)
+            seq = ch.seq
+            if seq.status is not finished:
+                seq.num_computed = ch.start + ch.length
+                commit(seq)
+        ahead = self._decode_ahead(prev) if self.async_scheduling else None
         if ahead is not None:
             self._inflight = self.runner.launch(*ahead)
-        out = []
+        out, stats = [], self.stats
         for seq, (token, logprob) in zip(prev.done, prev.results()):
-            if seq.finished:  # at the step before, or aborted: this row rode along
-                self.stats["ride_along_tokens"] += 1
+            if seq.status is finished:  # at the step before, or aborted: this row rode along
+                stats["ride_along_tokens"] += 1
                 continue
             seq.output_token_ids.append(token)
             if seq.params.logprobs:
                 seq.logprobs.append(logprob)
-            self.stats["generation_tokens"] += 1
+            stats["generation_tokens"] += 1
             self._check_finished(seq, token)
             out.append(seq)
         return out
@@ -223,26 +225,28 @@ class LLMEngine:
         sched, blocks, limit = self.scheduler, self.block_manager, self.max_model_len
         if sched.waiting:
             return None
-        rows, running, need = [], 0, 0
+        running_status, bs = Status.RUNNING, blocks.block_size
+        rows, starts, running, need = [], [], 0, 0
         for i, seq in enumerate(prev.done):
-            if seq.status is not Status.RUNNING:
+            if seq.status is not running_status:
                 continue
             running += 1
-            pos = seq.num_tokens  # where step n's token goes
-            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or pos + 1 >= limit:
+            n_out = len(seq.output_token_ids)
+            pos = len(seq.prompt_token_ids) + n_out  # where step n's token goes
+            if n_out + 1 >= seq.params.max_tokens or pos + 1 >= limit:
                 continue  # finishes at step n
-            need += blocks.blocks_needed(seq, pos + 1)
+            if pos >= len(seq.block_table) * bs:
+                need += 1
             rows.append(i)
+            starts.append(pos)
         if not rows or running != len(sched.running) or len(rows) > sched.max_tokens or need > blocks.num_free:
             return None
-        chunks = []
-        for i in rows:
-            seq = prev.done[i]
-            pos = seq.num_tokens
-            blocks.grow(seq, pos + 1)
-            ch = ScheduledChunk(seq, pos, 1)
-            ch.completes = True  # its input token, step n's, is not in seq yet
-            chunks.append(ch)
+        chunks, done = [], prev.done
+        for i, pos in zip(rows, starts):
+            seq = done[i]
+            if pos >= len(seq.block_table) * bs:
+                blocks.grow(seq, pos + 1)
+            chunks.append(ScheduledChunk(seq, pos, 1, True))  # its input, step n's token, is not in seq yet
         return chunks, self._randoms, None, (prev, rows)
 
     def _follow_rank0(self, results: list[tuple]) -> list[tuple]:

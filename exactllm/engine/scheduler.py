@@ -9,7 +9,7 @@ head of the waiting queue, to be recomputed later (nothing is lost or truncated)
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from exactllm.engine.block_manager import BlockManager
 from exactllm.engine.sequence import Sequence, Status
@@ -21,11 +21,13 @@ class ScheduledChunk:
     start: int   # first token index computed this step
     length: int  # tokens computed this step
     # True when this chunk reaches the sequence's last token, so it yields a next token (set
-    # when the chunk is made: the step that runs it appends that token afterwards)
-    completes: bool = field(init=False)
+    # when the chunk is made: the step that runs it appends that token afterwards; None: from
+    # the sequence, else given: a decode step scheduled ahead, whose input token is not in seq yet)
+    completes: bool | None = None
 
     def __post_init__(self):
-        self.completes = self.start + self.length == self.seq.num_tokens
+        if self.completes is None:
+            self.completes = self.start + self.length == self.seq.num_tokens
 
 
 class Scheduler:
