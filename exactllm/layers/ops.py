@@ -27,9 +27,10 @@ from exactllm.numerics import Numerics
 
 # Fast mode on CUDA, dense 16-bit weights: our GEMV for at most GEMV_MAX_M rows, where it beat cuBLAS
 # on every TinyLlama linear on the H100 (bench/gemv_bf16.py, bench/results/gemv_bf16.json; at M = 2
-# cuBLAS wins on gate/up and lm_head), with the SwiGLU fused into the down projection if GEMV_SWIGLU.
+# cuBLAS wins on gate/up and lm_head). GEMV_SWIGLU fuses the SwiGLU into the down projection: off,
+# since the SwiGLU kernel + GEMV was faster (decode graph step 1165 vs 1203 us, profile_decode_gemv*.json).
 GEMV_MAX_M = 1
-GEMV_SWIGLU = True
+GEMV_SWIGLU = False
 
 
 @dataclass(frozen=True)
