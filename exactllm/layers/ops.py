@@ -9,9 +9,11 @@
   triton). fast: for up to GEMV_MAX_M rows of a dense 16-bit linear our GEMV (gemv_triton.py),
   the RMSNorm before qkv and gate/up fused into it (norm_linear) and, by GEMV_SWIGLU, the SwiGLU
   before the down projection (swiglu_linear); cuBLAS for the other dense linears, M-dependent tiles
-  for quantized ones, unsplit prefill attention. batch_invariant: one fixed GEMM tile config for every M and no split-K, attention
-  with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode alike;
-  RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
+  for quantized ones, unsplit prefill attention. batch_invariant: dense linears run GEMM tiles
+  from one bit class (tiles may follow M only among configs shown bit-identical) with no split-K,
+  quantized linears the TBIK tree (batch invariant as well, and it may split K at small M);
+  attention with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode
+  alike; RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
   tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py).
 """
 from __future__ import annotations
