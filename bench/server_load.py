@@ -9,8 +9,8 @@ another (greedy, ignore_eos, exactly max_tokens tokens each), spread over --clie
 generator processes (one asyncio loop parsing 64 streams cannot keep up with a GPU; measure the
 load generator alone with --client-check). The offline baseline runs the same prompts through
 LLM.generate in groups of C, one group after another, which is the batch shape the server sees.
-The server runs in its own process (`exactllm serve`), idle while the offline engine (in this
-process) runs. Before each level both sides run one untimed group of C (CUDA graphs of the
+The server runs as processes of its own (`exactllm serve`: HTTP and engine), idle while the
+offline engine (in this process) runs. Before each level both sides run one untimed group of C (CUDA graphs of the
 level's batch sizes, kernels). Server and offline runs alternate `--repeats` times per level and
 the fastest wall time of each is compared, so that load from other processes on a shared
 machine biases neither side; latency percentiles pool all repeats. The server's own step

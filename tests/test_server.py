@@ -373,6 +373,9 @@ def test_admission_window():
     zero.hold(0.0, first=True)
     assert zero.due(0.0, busy=False) and zero.due(0.0, busy=True)  # window 0: at once
     assert Admission(0.5, graphs=False).window == 0.5
+    cpu = Admission(graphs=False)
+    cpu.hold(0.0, first=True)
+    assert cpu.due(0.0, busy=True) and not cpu.due(0.001, busy=False)  # idle: a burst is batched on CPU too
     assert auto.steps == {"prompt": [5, pytest.approx(7.017)], "decode": [3, pytest.approx(0.007)]}
 
 

@@ -196,7 +196,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
                 params = body.sampling_params(max_tokens or client.max_model_len - len(ids), want_logprobs)
                 if params.seed is not None:
                     params.seed += j  # n choices with one seed must still differ
-                gens.append(GenRequest(i * n + j, prompt, ids, params, body.stream, queue, n_choices=n))
+                gens.append(GenRequest(i * n + j, prompt, ids, params, body.stream, queue))
         admit(len(gens), endpoint)
         pending = await start(gens, queue, endpoint)
         return gens, queue, pending, prompt_tokens

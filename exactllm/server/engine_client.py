@@ -83,7 +83,6 @@ class GenRequest:
     params: SamplingParams
     stream: bool
     events: asyncio.Queue
-    n_choices: int = 1                  # choices per prompt in this HTTP call
     arrival: float = field(default_factory=time.perf_counter)
     rid: int = -1
     done: bool = False

@@ -61,11 +61,11 @@ class Admission:
     has waited ``window`` seconds, then added together: a request waits at most about what one
     more eager step would cost all the others.
 
-    An idle engine waits for arrivals to pause (``quiet``: QUIET, never more than the window)
-    before its first step, up to the window from the first arrival (on CUDA without a fixed
-    window: max_window): clients that resubmit as soon as their previous answers ended arrive in
-    a burst spread over the HTTP process's parsing time, and a burst split over two prompt steps
-    keeps two cohorts decoding out of step from then on (each round then costs the steps of both).
+    An idle engine waits for arrivals to pause (QUIET) before its first step, up to max_window
+    from the first arrival (with a fixed window: up to that window): clients that resubmit as
+    soon as their previous answers ended arrive in a burst spread over the HTTP process's parsing
+    time, and a burst split over two prompt steps keeps two cohorts decoding out of step from
+    then on (each round then costs the steps of both).
     For the same reason, while every running sequence will end (by its token limit) within the
     window, held requests wait for the batch to drain rather than start a cohort of their own.
 
@@ -110,7 +110,7 @@ class Admission:
         window = self.window
         if busy:
             return max(0.0, self.first_held + window - now)
-        cap = window if self.fixed is not None or not self.graphs else self.max_window
+        cap = self.max_window if self.fixed is None else window
         return max(0.0, min(self.first_held + cap, self.last_held + min(cap, self.QUIET)) - now)
 
     def due(self, now: float, busy: bool) -> bool:
@@ -295,9 +295,18 @@ def core_main(spec: EngineSpec, conn, parent_pid: int) -> None:
         sys.exit(1)
     conn.send(("ready", {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
                          "vocab": engine.model_config.vocab, "max_num_seqs": engine.cfg.max_num_seqs}))
+    # The step loop runs on a thread of its own: on a busy 2-core machine, torch's CPU ops driven
+    # from the main thread took ~10x longer per step than from another thread (2026-11-23; the
+    # offline baseline of bench/server_load.py runs on a worker thread for the same reason).
+    loop = threading.Thread(target=_run, args=(EngineCore(engine, conn, spec.admission_window),),
+                            name="exactllm-engine-loop")
+    loop.start()
+    loop.join()
+    llm.close()
+
+
+def _run(core: EngineCore) -> None:
     try:
-        EngineCore(engine, conn, spec.admission_window).run()
+        core.run()
     except (BrokenPipeError, ConnectionResetError):  # the HTTP process is gone
         pass
-    finally:
-        llm.close()
