@@ -3,13 +3,11 @@
 Each case runs the same requests through two engines built alike, one with async_scheduling,
 and requires the same token ids, log-prob bits, text and finish reasons for every request, with
 greedy and seeded sampling, stop strings and tokens, EOS, max_tokens, prefix caching, several
-completions of one prompt, preemption and aborts. The model is llama-mini with a 320-token
+completions of one prompt, preemption and aborts, in batch_invariant and fast numerics. The model is llama-mini with a 320-token
 vocabulary, so most tokens are bytes and text is not empty; every 29th token counts as an EOS
-and stop sets are wide, so that requests do stop on their tokens.
-batch_invariant numerics make a row's bits independent of the batch, which is what a request
-that finishes by EOS or stop string changes for one step (its row rides along); fast numerics
-are compared where nothing rides along. The last tests break the engine on purpose (a token fed
-from the wrong row, a position off by one) and check that the comparison catches it.
+and stop sets are wide, so that requests do stop on their tokens (and ride along one step).
+The last tests break the engine on purpose (a token fed from the wrong row, a position off by
+one, fast-numerics steps with ride-along rows not redone) and check that the comparison catches it.
 """
 import dataclasses
 
@@ -94,13 +92,17 @@ def mixed_params(i: int) -> SamplingParams:
     return SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, stop=["\n"])
 
 
-def test_outputs_match_with_stops_sampling_and_eos():
+@pytest.mark.parametrize("numerics", ["batch_invariant", "fast"])
+def test_outputs_match_with_stops_sampling_and_eos(numerics):
+    """In fast numerics (CPU: eager, a row's bits depend on the row count) each step with a
+    ride-along row is redone without it; in batch_invariant numerics none needs to be."""
     requests = [(p, mixed_params(i)) for i, p in enumerate(prompts(10))]
-    sync, fast, engine = compare(requests)
+    sync, fast, engine = compare(requests, numerics=numerics)
     assert fast == sync
     reasons = [r[3] for r in sync]
     assert reasons.count("stop") >= 3 and "length" in reasons  # requests stop on their tokens, not on length
     assert engine.stats["ride_along_tokens"] > 0  # and ride along in the step after
+    assert (engine.stats["redone_steps"] > 0) == (numerics == "fast")
     assert engine.stats["generation_tokens"] == sum(len(r[0]) for r in fast)
 
 
@@ -151,12 +153,12 @@ def test_prefix_caching_and_several_completions_of_one_prompt():
     assert out[True] == out[False]
 
 
-@pytest.mark.parametrize("aborts", [{0: 0, 3: 1, 5: 3}, {1: 2, 2: 9, 4: 3, 6: 1}])
-def test_aborts_at_any_point(aborts):
+@pytest.mark.parametrize("aborts,numerics", [({0: 0, 3: 1, 5: 3}, "batch_invariant"), ({1: 2, 2: 9, 4: 3, 6: 1}, "fast")])
+def test_aborts_at_any_point(aborts, numerics):
     """Abort right after the first step (prefill), after the first token, mid-stream; the blocks
     are freed at once (drive checks) while the async engine may have a step in flight."""
     requests = [(p, mixed_params(i)) for i, p in enumerate(prompts(8))]
-    sync, fast, _ = compare(requests, aborts)
+    sync, fast, _ = compare(requests, aborts, numerics)
     assert fast == sync
     assert sum(r[3] == "abort" for r in sync) == len(aborts)
 
@@ -204,9 +206,14 @@ def _position_off_by_one(engine):
     engine._decode_ahead = broken
 
 
-@pytest.mark.parametrize("breakage", [_feed_from_the_wrong_row, _position_off_by_one])
-def test_the_comparison_catches_a_broken_async_path(breakage):
+def _no_redo(engine):
+    engine.runner.same_bits = lambda n, m: True
+
+
+@pytest.mark.parametrize("breakage,numerics", [(_feed_from_the_wrong_row, "batch_invariant"),
+                                               (_position_off_by_one, "batch_invariant"), (_no_redo, "fast")])
+def test_the_comparison_catches_a_broken_async_path(breakage, numerics):
     requests = [(p, mixed_params(i)) for i, p in enumerate(prompts(6))]
-    sync_engine, async_engine = make_engine(False), make_engine(True)
+    sync_engine, async_engine = make_engine(False, numerics), make_engine(True, numerics)
     breakage(async_engine)
     assert drive(async_engine, requests) != drive(sync_engine, requests)

@@ -15,11 +15,13 @@ finish at step n: a pure-decode step of every running sequence, nothing waiting,
 token budget and the free blocks (no preemption); otherwise the engine reads step n and
 schedules as usual. Prefill steps, tensor parallelism and CPU run synchronously.
 
-So each sequence sees the same tokens, random draws and log-probs as in the synchronous engine
-whenever its rows' bits do not depend on the rest of the batch (batch_invariant and tp_invariant
-numerics, always; fast mode while nothing rides along). What a ride-along row changes: the batch
-of that one step (fast-mode bits of the other rows may change, as with any other batch), and
-the prefix cache may keep different blocks (the ride-along block drops its cached hash).
+A ride-along row must not change the other rows' bits. In the invariant numerics it cannot; in
+fast numerics it can when the step's shape differs from the synchronous step's (another CUDA
+graph bucket, or any other row count on the eager path): then the step is sent again without
+the ride-along rows, with the same random numbers, before anything reads it (stats
+"redone_steps"; rare where graphs are used). So every sequence gets the same token ids,
+log-prob bits, text and finish reason as in the synchronous engine. What may differ: the prefix
+cache can keep other blocks (a block taken for a ride-along row loses its cached hash).
 """
 from __future__ import annotations
 
@@ -110,8 +112,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self._ids = itertools.count()
         self._randoms: dict[int, SeqRandom] = {}
-        # ride_along_tokens: tokens of async decode rows dropped (their sequence had finished)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "ride_along_tokens": 0}
+        # ride_along_tokens: async decode rows dropped (their sequence had finished); redone_steps:
+        # async steps sent again without such rows, which changed the batch's shape (fast numerics)
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "ride_along_tokens": 0,
+                      "redone_steps": 0}
         overlap = cfg.async_scheduling
         if overlap is None:
             overlap = torch.device(cfg.device).type == "cuda"
@@ -196,6 +200,7 @@ class LLMEngine:
         """Step n = prev is on the device: commit its blocks (as the synchronous engine does first
         after a step; only token ids are read), send step n+1 where it can go ahead, then read
         step n's tokens and process them."""
+        prev = self._redo_if_needed(prev)
         finished, commit = Status.FINISHED, self.block_manager.commit_full_blocks
         for ch in prev.chunks:
             seq = ch.seq
@@ -217,6 +222,20 @@ class LLMEngine:
             self._check_finished(seq, token)
             out.append(seq)
         return out
+
+    def _redo_if_needed(self, prev: Launched) -> Launched:
+        """prev with its ride-along rows dropped where they change the other rows' bits (fast
+        numerics, another batch shape than the synchronous step's): sent again without them, with
+        the same random numbers, its input tokens now on the host; the first one's KV writes are
+        overwritten by the second's, in stream order. Else prev."""
+        live = [ch for ch in prev.chunks if ch.seq.status is not Status.FINISHED]
+        if not live or self.runner.same_bits(len(prev.chunks), len(live)):
+            return prev
+        for r in prev.drew:
+            r.put_back()
+        self.stats["ride_along_tokens"] += len(prev.chunks) - len(live)
+        self.stats["redone_steps"] += 1
+        return self.runner.launch(live, self._randoms)
 
     def _decode_ahead(self, prev: Launched) -> tuple | None:
         """runner.launch arguments of step n+1 while step n = prev (a decode step of every running

@@ -20,11 +20,17 @@ class SeqRandom:
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
         self._drawn: list[float] = []  # reversed: the next number is last
+        self.last = 0.0
 
     def uniform(self) -> float:
         if not self._drawn:
             self._drawn = torch.rand(self.DRAW, generator=self.gen).tolist()[::-1]
-        return self._drawn.pop()
+        self.last = self._drawn.pop()
+        return self.last
+
+    def put_back(self) -> None:
+        """Undo the last uniform(): the next one returns it again (a step sent and then redone)."""
+        self._drawn.append(self.last)
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
