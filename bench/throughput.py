@@ -113,7 +113,7 @@ def async_check(llm, vocab: int, n: int = 96, gen: int = 48) -> dict:
     engine.async_scheduling = flag
     same = sum(x == y for x, y in zip(outs[True], outs[False]))
     return {"requests": n, "identical": same, "stopped": sum(o[2] == "stop" for o in outs[False]),
-            "ride_along_tokens": engine.stats["ride_along_tokens"]}
+            "ride_along_tokens": engine.stats["ride_along_tokens"], "redone_steps": engine.stats["redone_steps"]}
 
 
 def main():
@@ -185,7 +185,8 @@ def main():
                  if a.sync_too else ""))
     if check:
         print(f"async vs sync, mixed requests: {check['identical']}/{check['requests']} identical "
-              f"({check['stopped']} stopped on a token; {check['ride_along_tokens']} ride-along tokens dropped)")
+              f"({check['stopped']} stopped on a token; {check['ride_along_tokens']} ride-along tokens dropped, "
+              f"{check['redone_steps']} steps redone)")
     r = rows[0]
     if "roofline_tokens_per_s" in r:
         print(f"batch 1: roofline {r['roofline_tokens_per_s']:.0f} tok/s; engine decode {r['decode_frac_of_roofline']*100:.0f}%;"
