@@ -227,7 +227,8 @@ class EngineCore:
 
     def _step(self, out: list) -> None:
         engine = self.engine
-        mixed = bool(engine.scheduler.waiting)  # some prompt is computed this step
+        waiting = engine.scheduler.waiting
+        head = waiting[0] if waiting else None
         t0 = time.perf_counter()
         try:
             seqs = engine.step()
@@ -240,7 +241,9 @@ class EngineCore:
             self.active.clear()
             self.by_rid.clear()
             return
-        self.admission.observe(mixed, time.perf_counter() - t0)
+        # The step computed prompt tokens if it scheduled the first waiting sequence (with async
+        # scheduling a call can instead just finish the decode step in flight).
+        self.admission.observe(head is not None and (not waiting or waiting[0] is not head), time.perf_counter() - t0)
         for s in seqs:
             entry = self.active.get(s.seq_id)
             if entry is None:
