@@ -231,8 +231,9 @@ class LLMEngine:
         live = [ch for ch in prev.chunks if ch.seq.status is not Status.FINISHED]
         if not live or self.runner.same_bits(len(prev.chunks), len(live)):
             return prev
-        for r in prev.drew:
-            r.put_back()
+        for ch in live:  # each sampling row of prev drew one number
+            if not ch.seq.params.greedy:
+                self._randoms[ch.seq.seq_id].put_back()
         self.stats["ride_along_tokens"] += len(prev.chunks) - len(live)
         self.stats["redone_steps"] += 1
         return self.runner.launch(live, self._randoms)
@@ -277,9 +278,10 @@ class LLMEngine:
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
         reason = None
+        n_out = len(seq.output_token_ids)
         if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif n_out >= p.max_tokens or n_out + len(seq.prompt_token_ids) >= self.max_model_len:
             reason = "length"
         if p.stop and self._stop_string_seen(seq, token, p.stop):
             reason = "stop"

@@ -184,7 +184,7 @@ class ModelRunner:
                 picks = ops.greedy_pick(logits)
             picks = select_on_device(logits, picks, [s.params for s in done], [randoms[s.seq_id] for s in done],
                                      ops.log_softmax)
-        return Launched(chunks, done, picks, [randoms[s.seq_id] for s in done if not s.params.greedy])
+        return Launched(chunks, done, picks)
 
     def same_bits(self, n: int, m: int) -> bool:
         """Whether each row of a decode step of n sequences gets the same bits as in a step of m
@@ -213,9 +213,8 @@ class Launched:
     pinned host memory behind the step and an event marks the copy, so the host can prepare the
     next step meanwhile; ``results()`` waits for that event only."""
 
-    def __init__(self, chunks: list[ScheduledChunk], done: list, picks: torch.Tensor | None, drew: list):
+    def __init__(self, chunks: list[ScheduledChunk], done: list, picks: torch.Tensor | None):
         self.chunks, self.done, self.picks = chunks, done, picks
-        self.drew = drew  # the SeqRandoms that drew a number for this step
         self.host, self.event = picks, None
         if picks is not None and picks.is_cuda:
             self.host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)

@@ -61,8 +61,9 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted below to make room for an earlier sequence
                 continue
-            n = min(seq.num_uncomputed, budget)
-            end = seq.num_computed + n
+            start, total = seq.num_computed, len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            n = min(total - start, budget)
+            end = start + n
             if end > len(seq.block_table) * bs:  # needs new blocks (else nothing to check or take)
                 while not self.blocks.can_grow(seq, end) and self._last_running() is not seq:
                     self.preempt(self._last_running())
@@ -70,7 +71,7 @@ class Scheduler:
                     self.preempt(seq)
                     continue
                 self.blocks.grow(seq, end)
-            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            chunks.append(ScheduledChunk(seq, start, n, end == total))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
