@@ -13,7 +13,8 @@ length (max_tokens, context) are known in advance and left out. Step n+1 is only
 where the synchronous scheduler would schedule the very same chunks, less the sequences that
 finish at step n: a pure-decode step of every running sequence, nothing waiting, within the
 token budget and the free blocks (no preemption); otherwise the engine reads step n and
-schedules as usual. Prefill steps, tensor parallelism and CPU run synchronously.
+schedules as usual. Steps with prompt tokens and tensor-parallel engines always run
+synchronously, CPU engines unless asked (nothing to overlap there: torch runs CPU ops inline).
 
 A ride-along row must not change the other rows' bits. In the invariant numerics it cannot; in
 fast numerics it can when the step's shape differs from the synchronous step's (another CUDA
