@@ -2,7 +2,8 @@
 and the server's overhead against offline LLM.generate on the same work.
 
     PYTHONPATH=. python bench/server_load.py [--model random:tinyllama-1.1b] [--device cuda] \
-        [--concurrency 1 8 64] [--rounds 3] [--max-tokens 8] [--client-procs 8] [--client-check]
+        [--concurrency 1 8 64] [--rounds 3] [--max-tokens 8] [--client-procs 8] [--client-check] \
+        [--serve-args="--admission-window-ms 20"]
 
 Each level runs C closed-loop clients, each sending `rounds` streaming requests one after
 another (greedy, ignore_eos, exactly max_tokens tokens each), spread over --client-procs load
@@ -24,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -137,6 +139,7 @@ def start_server(args, port: int) -> subprocess.Popen:
         cmd += ["--model", args.model]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    cmd += shlex.split(args.serve_args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
@@ -208,6 +211,8 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=8, help="load-generator processes (at most C)")
     ap.add_argument("--client-check", action="store_true",
                     help="first time the load generator alone against a stub server that answers at once")
+    ap.add_argument("--serve-args", default="",
+                    help="more `exactllm serve` flags, e.g. --serve-args='--admission-window-ms 20'")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/server_load_<device>.json)")
     args = ap.parse_args()
 
@@ -254,6 +259,7 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
     result = {"model": model, "device": args.device, "device_name": device_name, "numerics": args.numerics,
+              "serve_args": args.serve_args,
               "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
               "client_procs": args.client_procs, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "loadavg_end": os.getloadavg(), "levels": rows}
