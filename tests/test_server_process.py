@@ -122,4 +122,5 @@ def test_engine_process_death_fails_requests_and_health():
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["type"] == "server_error"
         health = httpx.get(srv.url + "/health")
         assert health.status_code == 503 and "engine process exited" in health.json()["detail"]
-        assert httpx.post(srv.url + "/v1/completions", json=GOOD).status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json=GOOD)
+        assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]

@@ -134,7 +134,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except Draining:
             metrics.requests.inc(endpoint=endpoint, outcome="rejected")
-            raise APIError(503, "the server is shutting down", type="server_unavailable",
+            raise APIError(503, client.failed or "the server is shutting down", type="server_unavailable",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def abort_all(gens: list[GenRequest]) -> None:

@@ -312,12 +312,10 @@ class EngineClient:
 
 
 def _stop_process(proc, conn) -> None:
-    """Last resort (finalizer, interpreter exit): the engine process must not outlive us."""
+    """Last resort (finalizer, interpreter exit): the engine process must not outlive us. It
+    ignores SIGTERM (see engine_core.core_main), so what does not exit on EOF is killed."""
     conn.close()  # the engine sees EOF and exits (unless it is still loading)
     proc.join(2)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
     if proc.is_alive():
         proc.kill()
         proc.join()
