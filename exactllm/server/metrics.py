@@ -88,7 +88,7 @@ class ServerMetrics:
                  prompt_tokens: Callable[[], float], generation_tokens: Callable[[], float],
                  engine_steps: Callable[[], dict[str, list]] = dict, admission_window: Callable[[], float] = float):
         """engine_steps: {kind: [steps, seconds]} (kinds "prompt": a step that computed prompt
-        tokens, "decode": one that did not); admission_window: seconds (engine_loop.Admission)."""
+        tokens, "decode": one that did not); admission_window: seconds (engine_core.Admission)."""
         self.requests = Counter("exactllm_requests_total",
                                 "HTTP generation requests by endpoint and outcome "
                                 "(ok, rejected, invalid, aborted, error)")
