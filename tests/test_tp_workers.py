@@ -10,6 +10,7 @@ import os
 
 import httpx
 import pytest
+import torch
 import torch.distributed as dist
 
 from exactllm import LLM, SamplingParams
@@ -101,12 +102,15 @@ def test_worker_failure_raises_with_its_traceback_and_closes_the_pool(tp2):
     with pytest.raises(WorkerError, match="(?s)rank 1 of 2 failed.*injected worker failure"):
         tp2.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert all(_gone(pid) for pid in pids) and not dist.is_initialized()
+    assert torch.get_num_threads() == threads  # the pool shared this process's CPU threads out, and gave them back
     with pytest.raises(WorkerError, match="failed earlier"):
         tp2.generate(PROMPTS, PARAMS, use_tqdm=False)
 
 
 def test_close_leaves_no_processes():
+    threads = torch.get_num_threads()
     with LLM(MINI, tensor_parallel_size=2) as llm:
         pids = llm.pool.pids
         assert len(llm.generate(PROMPTS, PARAMS, use_tqdm=False)) == 2
     assert all(_gone(pid) for pid in pids) and not dist.is_initialized()
+    assert torch.get_num_threads() == threads  # the pool shared this process's CPU threads out, and gave them back

@@ -128,6 +128,7 @@ class TPWorkerPool:
         ctx = mp.get_context("spawn")
         port = free_port()
         self.conns, self.procs = [], []
+        self._driver_threads = torch.get_num_threads()  # _share_cpu changes it; close() gives it back
         for rank in range(1, world):
             mine, theirs = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"exactllm-tp-rank{rank}", daemon=True,
@@ -255,6 +256,7 @@ class TPWorkerPool:
                 p.join()
         for conn in self.conns:
             conn.close()
+        torch.set_num_threads(self._driver_threads)
         if dist.is_initialized():
             dist.destroy_process_group()
 
