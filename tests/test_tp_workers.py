@@ -102,7 +102,6 @@ def test_worker_failure_raises_with_its_traceback_and_closes_the_pool(tp2):
     with pytest.raises(WorkerError, match="(?s)rank 1 of 2 failed.*injected worker failure"):
         tp2.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert all(_gone(pid) for pid in pids) and not dist.is_initialized()
-    assert torch.get_num_threads() == threads  # the pool shared this process's CPU threads out, and gave them back
     with pytest.raises(WorkerError, match="failed earlier"):
         tp2.generate(PROMPTS, PARAMS, use_tqdm=False)
 
