@@ -14,7 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-from exactllm.engine.sampler import select
+from exactllm.engine.sampler import select_on_device
 from exactllm.kernels import activation, activation_triton, rope, rope_triton, sampling, sampling_triton
 from exactllm.sampling_params import SamplingParams
 from kernel_testing import BOUND, DTYPES, fresh_gen, rel
@@ -128,12 +128,14 @@ def test_select_mixes_greedy_picks_and_sampled_rows():
     x = random_logits(gen, rows=3)
     picks = sampling.greedy_pick_ref(x)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0)]
-    got = select(x, picks, params, [SeqRandom(1), SeqRandom(3), SeqRandom(2)], lambda z: torch.log_softmax(z, -1))
+    got = select_on_device(x, picks, params, [SeqRandom(1), SeqRandom(3), SeqRandom(2)],
+                           lambda z: torch.log_softmax(z, -1)).tolist()
     assert [got[0][0], got[2][0]] == [int(picks[0, 0]), int(picks[2, 0])]
     assert got[0][1] == picks[0, 1].item()
-    tok, lp = got[1]
+    tok, lp = int(got[1][0]), got[1][1]
     assert lp == torch.log_softmax(x[1:2], -1)[0, tok].item(), f"seed {seed}"
-    again = select(x, picks, params, [SeqRandom(1), SeqRandom(3), SeqRandom(2)], lambda z: torch.log_softmax(z, -1))
+    again = select_on_device(x, picks, params, [SeqRandom(1), SeqRandom(3), SeqRandom(2)],
+                             lambda z: torch.log_softmax(z, -1)).tolist()
     assert again == got, "seeded sampling is reproducible"
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from exactllm.engine.sampler import select_on_device, to_device
+from exactllm.engine.sampler import host_to, select_on_device, to_device
 from exactllm.engine.scheduler import ScheduledChunk
 from exactllm.layers.attention import AttnBatch
 
@@ -24,10 +24,9 @@ class StepInputs:
     vision_embeds: torch.Tensor | None = None  # [vision rows, hidden]: their embeddings, in row order
 
     def to(self, device) -> "StepInputs":
-        """On the device; host tensors go through pinned memory without a wait (see to_device)."""
+        """On the device; host tensors go through pinned memory without a wait (see host_to)."""
         device = torch.device(device)
-        cuda = device.type == "cuda"
-        move = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda and not t.is_cuda else t.to(device)
+        move = lambda t: host_to(t, device)
         b = self.batch
         opt = lambda t: None if t is None else move(t)
         return StepInputs(move(self.input_ids), move(self.positions),

@@ -49,12 +49,18 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return probs / probs.sum(dim=-1, keepdim=True), sorted_ids
 
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on device, without making the host wait for the device: a host tensor goes to a GPU
+    through pinned memory (a copy from pageable memory synchronizes the stream, which would
+    stall the engine behind the step in flight: async scheduling)."""
+    if device.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on device, without making the host wait for the device: a
-    plain torch.tensor(..., device=cuda) copies from pageable memory and synchronizes the stream,
-    which would stall the engine behind the step in flight (async scheduling)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    """A small host list as a tensor on device (see host_to)."""
+    return host_to(torch.tensor(values, dtype=dtype), device)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom]) -> torch.Tensor:
@@ -87,9 +93,3 @@ def select_on_device(logits: torch.Tensor, picks: torch.Tensor, params: list[Sam
     out = picks.clone()  # picks may be a CUDA graph's output buffer, rewritten by its next replay
     out[idx] = torch.stack((tokens.double(), lps.double()), dim=1)
     return out
-
-
-def select(logits: torch.Tensor, picks: torch.Tensor, params: list[SamplingParams], randoms: list[SeqRandom],
-           log_softmax) -> list[tuple[int, float]]:
-    """(token, log-prob) per row: ``select_on_device`` read back to the host."""
-    return [(int(t), lp) for t, lp in select_on_device(logits, picks, params, randoms, log_softmax).tolist()]
