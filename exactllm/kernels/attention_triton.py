@@ -170,24 +170,34 @@ def _combine_if_last(ws_ptr, ml_ptr, cnt_ptr, o_ptrs, row, head, row_ok, d, n_ac
     ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == n_active - 1:
         tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-        base = row * HQ + head
-        m = tl.load(ml_ptr + base * 2, mask=row_ok, other=0.0, cache_modifier=".cg")
-        l = tl.load(ml_ptr + base * 2 + 1, mask=row_ok, other=1.0, cache_modifier=".cg")
-        acc = tl.load(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
-        for i in range(1, n_active):
-            b = (i * T + row) * HQ + head
-            m_i = tl.load(ml_ptr + b * 2, mask=row_ok, other=0.0, cache_modifier=".cg")
-            l_i = tl.load(ml_ptr + b * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-            a_i = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
-                          cache_modifier=".cg")
-            m_new = tl.maximum(m, m_i)
-            wa = tl.exp2(m - m_new)
-            wb = tl.exp2(m_i - m_new)
-            acc = acc * wa[:, None] + a_i * wb[:, None]
-            l = l * wa + l_i * wb
-            m = m_new
-        tl.store(o_ptrs, (acc / l[:, None]).to(o_ptrs.dtype.element_ty), mask=row_ok[:, None])
+        out = _merged_partials(ws_ptr, ml_ptr, row, head, row_ok, d, n_active, T, HQ, HEAD_DIM, True)
+        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _merged_partials(ws_ptr, ml_ptr, row, head, mask, d, n_parts, T, HQ, HEAD_DIM: tl.constexpr, CG: tl.constexpr):
+    """Attention output [len(head), HEAD_DIM] (float32, normalized) of token ``row`` from its first
+    n_parts KV-split partials (split i's running max, sum and unnormalized acc at index
+    (i * T + row) * HQ + head), merged split 0 first, one split at a time. CG: read them past L1
+    (partials stored by other programs of the same launch)."""
+    base = row * HQ + head
+    m = tl.load(ml_ptr + base * 2, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
+    l = tl.load(ml_ptr + base * 2 + 1, mask=mask, other=1.0, cache_modifier=".cg" if CG else "")
+    acc = tl.load(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None], other=0.0,
+                  cache_modifier=".cg" if CG else "")
+    for i in range(1, n_parts):
+        b = (i * T + row) * HQ + head
+        m_i = tl.load(ml_ptr + b * 2, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
+        l_i = tl.load(ml_ptr + b * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
+        a_i = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None], other=0.0,
+                      cache_modifier=".cg" if CG else "")
+        m_new = tl.maximum(m, m_i)
+        wa = tl.exp2(m - m_new)
+        wb = tl.exp2(m_i - m_new)
+        acc = acc * wa[:, None] + a_i * wb[:, None]
+        l = l * wa + l_i * wb
+        m = m_new
+    return acc / l[:, None]
 
 
 @triton.jit
@@ -210,22 +220,8 @@ def _combine_kernel(ws_ptr, ml_ptr, o_ptr, cu_q_ptr, ctx_ptr, n_seqs, n_iter, T,
     if pos < 0:  # padding row with no context
         tl.store(o_ptrs, tl.zeros((BLOCK_H, HEAD_DIM), tl.float32).to(o_ptr.dtype.element_ty), mask=hmask[:, None])
         return
-    base = row * HQ + h
-    m = tl.load(ml_ptr + base * 2, mask=hmask, other=0.0)
-    l = tl.load(ml_ptr + base * 2 + 1, mask=hmask, other=1.0)
-    acc = tl.load(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=hmask[:, None], other=0.0)
-    for i in range(1, pos // SPLIT + 1):
-        b = (i * T + row) * HQ + h
-        m_i = tl.load(ml_ptr + b * 2, mask=hmask, other=0.0)
-        l_i = tl.load(ml_ptr + b * 2 + 1, mask=hmask, other=0.0)
-        a_i = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=hmask[:, None], other=0.0)
-        m_new = tl.maximum(m, m_i)
-        wa = tl.exp2(m - m_new)
-        wb = tl.exp2(m_i - m_new)
-        acc = acc * wa[:, None] + a_i * wb[:, None]
-        l = l * wa + l_i * wb
-        m = m_new
-    tl.store(o_ptrs, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+    out = _merged_partials(ws_ptr, ml_ptr, row, h, hmask, d, pos // SPLIT + 1, T, HQ, HEAD_DIM, False)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
 # Fast-mode prefill reads each sequence's whole context in one program: its SPLIT is this one
