@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from exactllm.kernels import activation_triton, gemv, gemv_triton, rmsnorm_triton
+from exactllm.kernels import activation_triton, gemv, gemv_triton, pdl, rmsnorm_triton
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}
@@ -85,10 +85,10 @@ def configs_for(M: int, sweep: bool) -> list:
 
 class no_pdl:
     def __enter__(self):
-        gemv_triton.PDL = False
+        pdl.ENABLED = False
 
     def __exit__(self, *exc):
-        gemv_triton.PDL = True
+        pdl.ENABLED = True
 
 
 def check_linear(gen, N, K, M, dev, sweep) -> dict:

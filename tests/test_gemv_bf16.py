@@ -1,6 +1,7 @@
-"""The few-row GEMV of kernels/gemv_triton.py (plain, with RMSNorm + residual add, with SwiGLU) vs
-its torch references (kernels/gemv.py) and float64, under the Triton interpreter on CPU, and the
-fast-mode CUDA dispatch in Ops that routes the decoder's linears to it.
+"""The few-row GEMV of kernels/gemv_triton.py (plain, with RMSNorm + residual add, with SwiGLU, with
+RoPE + KV-cache write after the qkv projection) vs its torch references (kernels/gemv.py, rope.py) and
+float64, under the Triton interpreter on CPU, and the fast-mode CUDA dispatch in Ops that routes the
+decoder's linears to it.
 
 Fresh random inputs each run (seed in the message); outputs poisoned with NaN first. float16 stands
 in for the 16-bit path (the interpreter's bf16 conversions are not IEEE roundings). Bounds: the
@@ -16,8 +17,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
-from exactllm.kernels import activation_triton, gemv, gemv_triton, rmsnorm_triton
+from exactllm.config import ModelConfig
+from exactllm.kernels import activation_triton, gemv, gemv_triton, rmsnorm_triton, rope, rope_triton
 from exactllm.layers import ops as ops_module
+from exactllm.layers.attention import Attention, AttnBatch
 from exactllm.layers.ops import Ops
 from exactllm.layers.parallel import TPContext
 from exactllm.models.llama import MLP
@@ -111,7 +114,7 @@ def mlp_weights(gen, hidden, ffn, dtype):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the calls into gemv_triton's entry points."""
-    counts = {"gemv": 0, "norm_gemv": 0, "silu_gemv": 0}
+    counts = {"gemv": 0, "norm_gemv": 0, "silu_gemv": 0, "norm_gemv_rope_kv": 0}
     for name in counts:
         real = getattr(gemv_triton, name)
 
@@ -142,7 +145,7 @@ def test_fast_cuda_mlp_runs_fused_and_agrees_with_the_unfused_cpu_ops(M, calls, 
     fused = MLP(weights, "blk.0", Ops("cuda", Numerics("fast")), TPContext())
     plain = MLP(weights, "blk.0", Ops("cpu", Numerics("fast")), TPContext())
     y, res = fused.forward_norm(x, r, nw, EPS)
-    assert calls == {"gemv": 0, "norm_gemv": 1, "silu_gemv": 1}
+    assert calls == {"gemv": 0, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0}
     y_ref, res_ref = plain.forward_norm(x, r, nw, EPS)
     assert torch.equal(res, res_ref)
     s = (x.float() + r.float()).to(DT).double()
@@ -166,13 +169,119 @@ def test_gemv_is_used_only_in_fast_mode_for_few_rows_of_16_bit_dense_weights(cal
     fast.linear(x(m), w)
     monkeypatch.setattr(ops_module, "GEMV_SWIGLU", False)
     fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())  # SwiGLU kernel + GEMV
-    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 0}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 0, "norm_gemv_rope_kv": 0}
     monkeypatch.setattr(ops_module, "GEMV_SWIGLU", True)
     fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())
-    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0}
     inv.linear(x(1), w)  # invariant: the fixed-tile GEMM
     inv.norm_linear(x(1), None, torch.ones(64), EPS, w)
     fast.linear(x(m + 1), w)  # too many rows
     fast.norm_linear(x(m + 1), None, torch.ones(64), EPS, w)
     fast.linear(x(1, torch.float32), w.float())  # float32
-    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0}
+
+
+# qkv with RoPE + KV write: 3 q heads and 1 kv head of 16 (N = 80 rows), K = 96; 24 cache slots.
+HQ, HKV, HD, QK, SLOTS = 3, 1, 16, 96, 24
+
+
+def rope_kv_case(gen, M):
+    x = torch.randn(M, QK, generator=gen).to(DT)
+    r = torch.randn(M, QK, generator=gen).to(DT)
+    w = (torch.randn((HQ + 2 * HKV) * HD, QK, generator=gen) / QK ** 0.5).to(DT)
+    nw = 1.0 + 0.1 * torch.randn(QK, generator=gen)
+    cos, sin = rope.rope_cache(HD, 64, 10000.0)
+    positions = torch.randint(0, 64, (M,), generator=gen)
+    slots = torch.randperm(SLOTS, generator=gen)[:M]
+    if M > 1:
+        slots[1] = -1  # a CUDA-graph padding row: stores nothing
+    caches = [torch.randn(SLOTS // 4, 4, HKV, HD, generator=gen).to(DT) for _ in range(2)]
+    return x, r, w, nw, cos, sin, positions, slots, caches
+
+
+def rope_spec(cos, sin, positions, slots, caches):
+    return gemv_triton.RopeKV(HQ * HD, HKV * HD, HD, positions, cos, sin, caches[0], caches[1], slots)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_gemv_rope_kv_equals_the_unfused_kernels_and_matches_the_reference(M, with_residual):
+    """RoPE and the KV write in the qkv GEMV's epilogue: the same bits as norm_gemv then rope_kv (the
+    rotation is the same float32 arithmetic on the same rounded outputs), caches included; close to the
+    torch reference; padding rows and other slots untouched."""
+    gen, seed = fresh_gen()
+    x, r, w, nw, cos, sin, positions, slots, caches = rope_kv_case(gen, M)
+    residual = r if with_residual else None
+    ref_caches = [c.clone() for c in caches]
+    ref, ref_res = rope.norm_gemv_rope_kv_ref(x, residual, nw, EPS, w, rope_spec(cos, sin, positions, slots, ref_caches))
+    unfused_caches = [c.clone() for c in caches]
+    qkv, res_unfused = gemv_triton.norm_gemv(x, residual, nw, EPS, w)
+    q, k, v = (p.view(M, -1, HD) for p in qkv.split((HQ * HD, HKV * HD, HKV * HD), dim=-1))
+    rope_triton.rope_kv(q, k, v, positions, cos, sin, *unfused_caches, slots)
+    fused_caches = [c.clone() for c in caches]
+    y, res = gemv_triton.norm_gemv_rope_kv(x, residual, nw, EPS, w, rope_spec(cos, sin, positions, slots, fused_caches),
+                                           out=poison(qkv.shape, DT))
+    assert torch.equal(y, qkv), f"qkv output (seed {seed})"
+    assert torch.equal(res, res_unfused) and torch.equal(res, ref_res), f"residual stream (seed {seed})"
+    for fused, unfused, before, ref_cache in zip(fused_caches, unfused_caches, caches, ref_caches):
+        assert torch.equal(fused, unfused), f"cache (seed {seed})"
+        keep = slots[slots >= 0]
+        untouched = torch.ones(SLOTS, dtype=torch.bool)
+        untouched[keep] = False
+        assert torch.equal(fused.view(SLOTS, -1)[untouched], before.view(SLOTS, -1)[untouched]), f"seed {seed}"
+        assert rel(fused.view(SLOTS, -1)[keep], ref_cache.view(SLOTS, -1)[keep]) <= 2 * BOUND[DT], f"seed {seed}"
+    assert rel(y, ref) <= 2 * BOUND[DT], f"kernel vs reference (seed {seed})"
+
+
+def test_rope_kv_epilogue_refuses_blocks_that_split_a_head_or_a_pair():
+    gen, _ = fresh_gen()
+    x, r, w, nw, cos, sin, positions, slots, caches = rope_kv_case(gen, 1)
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        gemv_triton.norm_gemv_rope_kv(x, r, nw, EPS, w, rope_spec(cos, sin, positions, slots, caches), (3, 64, 2, 1))
+    bad = gemv_triton.RopeKV(HQ * HD, HKV * HD - 2, HD, positions, cos, sin, *caches, slots)
+    with pytest.raises(ValueError, match="whole heads"):
+        gemv_triton.norm_gemv_rope_kv(x, r, nw, EPS, w, bad)
+
+
+class QKNormAttention(Attention):
+    """Stands for a model that normalizes q and k between the projection and RoPE (Qwen3)."""
+
+    def normalize_qk(self, q, k):
+        return q, k
+
+
+def attention_layer(seed, ops, cls=Attention):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = ModelConfig(arch="llama", vocab=64, hidden=QK, n_layers=1, n_heads=HQ, n_kv_heads=HKV, ffn=32,
+                      head_dim=HD, max_context=64)
+    weights = {f"blk.0.attn_{n}.weight": (torch.randn(rows, QK, generator=gen) / QK ** 0.5).to(DT)
+               for n, rows in (("q", HQ * HD), ("k", HKV * HD), ("v", HKV * HD))}
+    weights["blk.0.attn_output.weight"] = (torch.randn(QK, HQ * HD, generator=gen) / (HQ * HD) ** 0.5).to(DT)
+    return cls(cfg, weights, "blk.0", ops, TPContext())
+
+
+def test_fast_cuda_attention_fuses_rope_into_the_qkv_gemv_and_agrees_with_the_cpu_ops(calls):
+    """Attention.forward_norm on the fast CUDA ops (run on CPU tensors through the interpreter) makes
+    one norm_gemv_rope_kv call instead of norm_gemv + rope_kv, and gives what the CPU ops give (which
+    run norm, linear and RoPE separately) within the bound, caches included. A model with a q/k norm
+    between projection and RoPE takes the step-by-step path (norm_gemv, then RoPE)."""
+    gen, seed = fresh_gen()
+    x, r, _, nw, cos, sin, _, slots, caches = rope_kv_case(gen, 1)
+    positions = torch.tensor([5])
+    batch = AttnBatch(torch.tensor([0, 1]), positions + 1, torch.arange(SLOTS // 4)[None, :], torch.tensor([5]))
+    for c in caches:
+        c.view(SLOTS, -1)[:5] = torch.randn(5, HKV * HD, generator=gen).to(DT)
+    fast = attention_layer(seed, Ops("cuda", Numerics("fast")))
+    plain = attention_layer(seed, Ops("cpu", Numerics("fast")))
+    cpu_caches = [c.clone() for c in caches]
+    y, res = fast.forward_norm(x, r, nw, EPS, positions, batch, caches, (cos, sin))
+    assert calls["norm_gemv_rope_kv"] == 1 and calls["norm_gemv"] == 0
+    y_ref, res_ref = plain.forward_norm(x, r, nw, EPS, positions, batch, cpu_caches, (cos, sin))
+    assert torch.equal(res, res_ref), f"seed {seed}"
+    assert rel(y, y_ref) <= 4 * BOUND[DT], f"attention output (seed {seed})"
+    for got, want in zip(caches, cpu_caches):
+        assert rel(got, want) <= 2 * BOUND[DT], f"caches (seed {seed})"
+    qk_norm = attention_layer(seed, Ops("cuda", Numerics("fast")), QKNormAttention)
+    y_steps, _ = qk_norm.forward_norm(x, r, nw, EPS, positions, batch, [c.clone() for c in caches], (cos, sin))
+    assert calls["norm_gemv_rope_kv"] == 1 and calls["norm_gemv"] == 1
+    assert torch.equal(y_steps, y), f"the step-by-step kernels give the fused path's bits (seed {seed})"

@@ -10,9 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
+from exactllm.kernels import pdl
+
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, stride_g, stride_u, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -37,6 +40,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     rows, n = g2.shape
     if rows and n:
         block = min(1024, triton.next_power_of_2(n))
+        use_pdl = pdl.enabled(gate.device)
         _silu_mul_kernel[(rows, triton.cdiv(n, block))](g2, u2, o2, n, g2.stride(0), u2.stride(0), o2.stride(0),
-                                                       BLOCK=block, num_warps=4)
+                                                       BLOCK=block, PDL=use_pdl, num_warps=4,
+                                                       **pdl.launch_kwargs(use_pdl))
     return out

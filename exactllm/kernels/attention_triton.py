@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from exactllm.kernels import pdl
+
 # (BLOCK_M query rows, BLOCK_N keys, num_warps) of the invariant mode, for every step kind.
 INVARIANT_TILES = (64, 64, 4)
 
@@ -84,7 +86,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_OUT: tl.constexpr,
                  PRECISION: tl.constexpr, DECODE: tl.constexpr, INVARIANT: tl.constexpr,
-                 FUSED_COMBINE: tl.constexpr):
+                 FUSED_COMBINE: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -303,6 +306,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     fused = split_out and decode and kv_split is None
     counters = _counters(q.device, n_seqs * HKV) if fused else out
     qk_scale = scale * 1.4426950408889634  # log2(e): scores in log2 units for exp2
+    use_pdl = pdl.enabled(q.device)
     _attn_kernel[(n_tiles, HKV, n_splits)](
         q, k_cache, v_cache, out, ws, ml, counters, cu_seqlens_q, context_lens, block_tables, tile_cu,
         n_seqs, n_iter, qk_scale, T, HQ,
@@ -310,7 +314,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn, HEAD_DIM=D, PAGE=page, SPLIT=split,
         SPLIT_OUT=split_out, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DECODE=decode,
-        INVARIANT=kv_split is not None, FUSED_COMBINE=fused, num_warps=warps)
+        INVARIANT=kv_split is not None, FUSED_COMBINE=fused, PDL=use_pdl, num_warps=warps, **pdl.launch_kwargs(use_pdl))
     if split_out and not fused:
         _combine_kernel[(T,)](ws, ml, out, cu_seqlens_q, context_lens, n_seqs, max(1, n_seqs.bit_length()), T, HQ,
                               out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(HQ),

@@ -7,6 +7,8 @@ Same signatures and rounding points as kernels/gemv.py:
   program 0 writes the new residual stream (exactly once, to a tensor distinct from x and residual),
   so the norm kernel before qkv and before gate/up disappears.
 - silu_gemv(gate, up, w): SwiGLU in the prologue of the down projection (no silu_mul kernel).
+- norm_gemv_rope_kv(..., rope_kv): norm_gemv of the qkv projection with RoPE and the KV-cache
+  write in its epilogue (reference: rope.norm_gemv_rope_kv_ref), so no RoPE kernel either.
 
 Why: at M = 1 a decode linear reads 8-131 MB of weights once, so its floor is bytes / 2.9 TB/s
 (3-45 us on an H100); cuBLAS reaches ~50% of it on the 2048-row matrices and needs a second kernel
@@ -16,7 +18,7 @@ the next tile loaded while the current one is summed; N / BLOCK_N programs (512-
 TinyLlama's matrices at BLOCK_N = 4) fill the 132 SMs without splitting K, so there are no partial
 sums to combine.
 
-Programmatic dependent launch (Hopper; PDL below): the weights never change during decode, so a
+Programmatic dependent launch (Hopper; kernels/pdl.py): the weights never change during decode, so a
 program loads its first weight tile, lets the next kernel launch, and only then waits for the
 previous kernel (griddepcontrol.wait) before it reads x: the weight stream starts under the
 previous kernel's tail, and a chain of these GEMVs overlaps its launch gaps. Everything that reads
@@ -30,16 +32,18 @@ follows M, so this is not a batch-invariant kernel (the invariant modes never ca
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from exactllm.kernels import pdl
 
 MAX_BLOCK_M = 8
 PLAIN, NORM, NORM_ADD, SILU = 0, 1, 2, 3
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, from the H100 sweep of bench/gemv_bf16.py.
 CONFIGS = {1: (4, 1024, 4, 1), 2: (4, 512, 4, 1), 4: (4, 256, 4, 1), 8: (4, 256, 4, 1)}
-PDL = True  # programmatic dependent launch on CUDA (Hopper and later)
 
 
 @triton.jit
@@ -57,11 +61,43 @@ def _input(x_rows, r_rows, kk, mask, PROLOGUE: tl.constexpr):
     return x
 
 
+@triton.jit
+def _rope_kv_epilogue(y, rows, n0, M, q_width, kv_width, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+                      stride_c, stride_cslot, stride_ch, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The qkv outputs y [BLOCK_M, BLOCK_N] (rows of one head: n0 .. n0 + BLOCK_N, in the activation
+    dtype) as ``rope_triton.rope_kv`` treats them: q rows come back rotated (to be stored as the
+    output), k rows rotated into k_cache and v rows into v_cache at each row's slot (negative:
+    none). Same float32 arithmetic on the same rounded inputs as rope_triton's ``_rotate``."""
+    row_ok = rows < M
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    i = (n0 % HEAD_DIM) // 2 + tl.arange(0, HALF_N)[None, :]  # pair index within the head
+    x0, x1 = tl.split(tl.reshape(y, (y.shape[0], HALF_N, 2)))
+    if n0 < q_width + kv_width:
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        c = tl.load(cos_ptr + pos * stride_c + i)
+        s = tl.load(sin_ptr + pos * stride_c + i)
+        x0 = x0.to(tl.float32)
+        x1 = x1.to(tl.float32)
+        out = tl.reshape(tl.join((x0 * c - x1 * s).to(y.dtype), (x0 * s + x1 * c).to(y.dtype)), y.shape)
+    else:
+        out = y
+    if n0 >= q_width:
+        slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        n_kv = (n0 - q_width) % kv_width + tl.arange(0, BLOCK_N)[None, :]
+        dst = slot * stride_cslot + (n_kv // HEAD_DIM) * stride_ch + n_kv % HEAD_DIM
+        cache = kc_ptr if n0 < q_width + kv_width else vc_ptr
+        tl.store(cache + dst, out.to(cache.dtype.element_ty), mask=row_ok & (slot >= 0))
+        out = y  # k and v stay unrotated in the output, as rope_kv leaves them
+    return out
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
                  stride_xm, stride_rm, stride_wn, stride_ym, stride_om, eps,
+                 pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, q_width, kv_width,
+                 stride_c, stride_cslot, stride_ch,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 ROPE_KV: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)[:, None, None]
@@ -74,9 +110,7 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
     w_rows = w_ptr + offs_n * stride_wn
     dt = y_ptr.dtype.element_ty
     w = tl.load(w_rows + ks, mask=mask_n & (ks < K), other=0.0)  # first tile: needs no activation
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)
     if PROLOGUE == 1 or PROLOGUE == 2:
         ss = tl.zeros([BLOCK_M, 1, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -98,10 +132,43 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
             xk = (xk.to(tl.float32) * rstd * nw).to(dt)
         acc += w.to(tl.float32) * xk.to(tl.float32)
         w = w_next
-    y = tl.sum(acc, axis=2)
+    y = tl.sum(acc, axis=2).to(dt)
     rows = m0 + tl.arange(0, BLOCK_M)[:, None]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(y_ptr + rows.to(tl.int64) * stride_ym + cols, y.to(dt), mask=(rows < M) & (cols < N))
+    if ROPE_KV:
+        y = _rope_kv_epilogue(y, rows, pid_n * BLOCK_N, M, q_width, kv_width, pos_ptr, cos_ptr, sin_ptr, kc_ptr,
+                              vc_ptr, slot_ptr, stride_c, stride_cslot, stride_ch, BLOCK_N, HEAD_DIM)
+    tl.store(y_ptr + rows.to(tl.int64) * stride_ym + cols, y, mask=(rows < M) & (cols < N))
+
+
+@dataclass(frozen=True)
+class RopeKV:
+    """What the rope_kv epilogue needs: as the arguments of ``rope_triton.rope_kv`` for the q, k, v
+    heads of one qkv output row block [q_width | kv_width | kv_width]."""
+    q_width: int
+    kv_width: int
+    head_dim: int
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def check(self, y: torch.Tensor, block_n: int) -> None:
+        d, kc = self.head_dim, self.k_cache
+        if y.shape[1] != self.q_width + 2 * self.kv_width or self.q_width % d or self.kv_width % d:
+            raise ValueError(f"qkv width {y.shape[1]} is not q {self.q_width} + 2 x kv {self.kv_width} whole heads")
+        if d % block_n or block_n % 2:
+            raise ValueError(f"BLOCK_N {block_n} must be even and divide head_dim {d}")
+        if kc.stride(1) != kc.stride(2) * (self.kv_width // d) or kc.stride(3) != 1 or self.v_cache.stride() != kc.stride():
+            raise ValueError("caches must be [blocks, page, kv_heads, head_dim] with contiguous slots")
+        if self.cos.stride(1) != 1 or self.cos.stride() != self.sin.stride():
+            raise ValueError("cos/sin tables must have contiguous rows of the same strides")
+
+    def kernel_args(self) -> tuple:
+        return (self.positions, self.cos, self.sin, self.k_cache, self.v_cache, self.slot_mapping,
+                self.q_width, self.kv_width, self.cos.stride(0), self.k_cache.stride(1), self.k_cache.stride(2))
 
 
 def _block_m(M: int) -> int:
@@ -112,8 +179,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(prologue: int, x, r, nw, w, eps: float, config: tuple | None, out, residual_out):
-    """y = prologue(x, r) @ w.T into ``out`` (and x + r into ``residual_out`` for NORM_ADD)."""
+def _launch(prologue: int, x, r, nw, w, eps: float, config: tuple | None, out, residual_out, rope_kv=None):
+    """y = prologue(x, r) @ w.T into ``out`` (and x + r into ``residual_out`` for NORM_ADD);
+    ``rope_kv`` (RopeKV): the rope_kv epilogue on y's q/k/v rows."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K or w.stride(1) != 1:
@@ -124,12 +192,15 @@ def _launch(prologue: int, x, r, nw, w, eps: float, config: tuple | None, out, r
     block_m = _block_m(M)
     bn, bk, warps, stages = CONFIGS[block_m] if config is None else config
     ro = residual_out if residual_out is not None else y
-    pdl = PDL and x.device.type == "cuda"
-    extra = {"launch_pdl": True} if pdl else {}
+    use_pdl = pdl.enabled(x.device)
+    if rope_kv is not None:
+        rope_kv.check(y, bn)
+    epilogue_args = rope_kv.kernel_args() if rope_kv is not None else (y,) * 6 + (0,) * 5
     _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, block_m))](
         x, r, nw, w, y, ro, M, N, K, x.stride(0), r.stride(0), w.stride(0), y.stride(0), ro.stride(0), eps,
-        PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl,
-        num_warps=warps, num_stages=stages, **extra)
+        *epilogue_args, PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, ROPE_KV=rope_kv is not None,
+        HEAD_DIM=rope_kv.head_dim if rope_kv is not None else 0, PDL=use_pdl,
+        num_warps=warps, num_stages=stages, **pdl.launch_kwargs(use_pdl))
     return y
 
 
@@ -150,6 +221,21 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     r = _rows(residual)
     new_res = torch.empty_like(x) if residual_out is None else residual_out
     return _launch(NORM_ADD, x, r, norm_weight, w, eps, config, out, new_res), new_res
+
+
+def norm_gemv_rope_kv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      w: torch.Tensor, rope_kv: RopeKV, config: tuple | None = None,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``rope.norm_gemv_rope_kv_ref``: ``norm_gemv`` of the qkv projection, then ``rope_kv`` on its
+    output: returns (qkv with its q rows rotated, k and v as projected; the new residual stream) and
+    stores rotated k and v at their cache slots. The rotation runs in the GEMV's epilogue (pairs of
+    adjacent output rows sit in one program), so no RoPE kernel is launched."""
+    x = _rows(x)
+    if residual is None:
+        return _launch(NORM, x, x, norm_weight, w, eps, config, out, None, rope_kv), x
+    r = _rows(residual)
+    new_res = torch.empty_like(x)
+    return _launch(NORM_ADD, x, r, norm_weight, w, eps, config, out, new_res, rope_kv), new_res
 
 
 def silu_gemv(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor, config: tuple | None = None,

@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from exactllm.kernels import pdl
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, n_cols, stride_x, stride_r, stride_y, stride_ro,
-                    eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                    eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -43,6 +46,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y = torch.empty_like(x2) if out is None else out.view(rows, n)
     block = triton.next_power_of_2(n)
     warps = 4 if block <= 2048 else 8
+    use_pdl = pdl.enabled(x.device)
+    launch = {"PDL": use_pdl, "num_warps": warps, **pdl.launch_kwargs(use_pdl)}
     if residual is not None:
         r2 = residual.reshape(-1, n)
         if r2.stride(-1) != 1:
@@ -50,9 +55,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         new_res = torch.empty_like(x2) if residual_out is None else residual_out.view(rows, n)
         if rows:
             _rmsnorm_kernel[(rows,)](x2, r2, weight, y, new_res, n, x2.stride(0), r2.stride(0), y.stride(0),
-                                     new_res.stride(0), eps, HAS_RES=True, BLOCK=block, num_warps=warps)
+                                     new_res.stride(0), eps, HAS_RES=True, BLOCK=block, **launch)
         return y.view(shape), new_res.view(shape)
     if rows:
         _rmsnorm_kernel[(rows,)](x2, x2, weight, y, y, n, x2.stride(0), 0, y.stride(0), 0, eps,
-                                 HAS_RES=False, BLOCK=block, num_warps=warps)
+                                 HAS_RES=False, BLOCK=block, **launch)
     return y.view(shape)

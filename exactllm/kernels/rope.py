@@ -31,3 +31,17 @@ def rope_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: to
     k_rot = apply_rope_ref(k, positions, cos, sin)
     write_kv_ref(k_rot[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
     return apply_rope_ref(q, positions, cos, sin)
+
+
+def norm_gemv_rope_kv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                          w: torch.Tensor, rope_kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``gemv_triton.norm_gemv_rope_kv`` (``rope_kv``: a gemv_triton.RopeKV): the qkv
+    projection of the normed x, then rope_kv_ref on its heads; returns (qkv with q rotated, the new
+    residual stream) and fills the caches."""
+    from exactllm.kernels.gemv import norm_gemv_ref
+    qkv, residual = norm_gemv_ref(x, residual, norm_weight, eps, w)
+    t, d = qkv.shape[0], rope_kv.head_dim
+    q, k, v = qkv.split((rope_kv.q_width, rope_kv.kv_width, rope_kv.kv_width), dim=-1)
+    q_rot = rope_kv_ref(q.reshape(t, -1, d), k.reshape(t, -1, d), v.reshape(t, -1, d), rope_kv.positions,
+                        rope_kv.cos, rope_kv.sin, rope_kv.k_cache, rope_kv.v_cache, rope_kv.slot_mapping)
+    return torch.cat((q_rot.reshape(t, -1), k, v), dim=-1), residual

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from exactllm.kernels import pdl
+
 
 @triton.jit
 def _rotate(src, dst, c, s, mask):
@@ -27,7 +29,9 @@ def _rotate(src, dst, c, s, mask):
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                     n_q, n_kv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
-                    stride_cslot, stride_ch, HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_KV: tl.constexpr):
+                    stride_cslot, stride_ch, HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_KV: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     q_blocks = tl.cdiv(n_q, BLOCK_H)
@@ -70,7 +74,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin:
         bh = _block_h(d)
         _rope_kv_kernel[(t, triton.cdiv(h, bh))](
             x, x, x, positions, cos, sin, x, x, positions, h, 0, x.stride(0), x.stride(1), 0, 0, 0, 0,
-            cos.stride(0), 0, 0, HALF=d // 2, BLOCK_H=bh, WRITE_KV=False, num_warps=1)
+            cos.stride(0), 0, 0, HALF=d // 2, BLOCK_H=bh, WRITE_KV=False, PDL=False, num_warps=1)
     return x
 
 
@@ -86,8 +90,9 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     assert k_cache.stride(1) == k_cache.stride(2) * hkv and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
     if t:
         bh = _block_h(d)
+        use_pdl = pdl.enabled(q.device)
         _rope_kv_kernel[(t, triton.cdiv(hq, bh) + triton.cdiv(hkv, bh))](
             q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, hq, hkv, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(1), k_cache.stride(2),
-            HALF=d // 2, BLOCK_H=bh, WRITE_KV=True, num_warps=1)
+            HALF=d // 2, BLOCK_H=bh, WRITE_KV=True, PDL=use_pdl, num_warps=1, **pdl.launch_kwargs(use_pdl))
     return q

@@ -14,9 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from exactllm.kernels import pdl
+
 
 @triton.jit
-def _greedy_kernel(x_ptr, lp_ptr, out_ptr, V, stride_x, stride_lp, HAS_LP: tl.constexpr, BLOCK: tl.constexpr):
+def _greedy_kernel(x_ptr, lp_ptr, out_ptr, V, stride_x, stride_lp, HAS_LP: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -50,6 +54,8 @@ def greedy_pick(logits: torch.Tensor, logprobs: torch.Tensor | None = None,
     out = torch.empty(S, 2, dtype=torch.float64, device=logits.device) if out is None else out
     if S:
         lp = logprobs if logprobs is not None else logits
+        use_pdl = pdl.enabled(logits.device)
         _greedy_kernel[(S,)](logits, lp, out, V, logits.stride(0), lp.stride(0), HAS_LP=logprobs is not None,
-                             BLOCK=min(8192, triton.next_power_of_2(V)), num_warps=16)
+                             BLOCK=min(8192, triton.next_power_of_2(V)), PDL=use_pdl, num_warps=16,
+                             **pdl.launch_kwargs(use_pdl))
     return out

@@ -51,9 +51,20 @@ class Attention(nn.Module):
     def forward(self, x, positions, batch: AttnBatch, kv_cache, rope_tables):
         return self.attend(self.ops.linear(x, self.qkv.value), positions, batch, kv_cache, rope_tables)
 
+    def forward_norm(self, x, residual, norm_weight, eps, positions, batch: AttnBatch, kv_cache, rope_tables):
+        """forward(rmsnorm(x [+ residual])) and the new residual stream. The norm, the qkv projection,
+        RoPE and the KV-cache write go to one op (Ops.norm_qkv_rope_kv: one kernel where it can),
+        except in models that normalize q and k between the projection and RoPE (normalize_qk)."""
+        if type(self).normalize_qk is not Attention.normalize_qk:
+            qkv, residual = self.ops.norm_linear(x, residual, norm_weight, eps, self.qkv.value)
+            return self.attend(qkv, positions, batch, kv_cache, rope_tables), residual
+        q, residual = self.ops.norm_qkv_rope_kv(x, residual, norm_weight, eps, self.qkv.value,
+                                                (self.n_heads, self.n_kv_heads, self.head_dim), positions,
+                                                rope_tables, kv_cache, batch.slot_mapping)
+        return self.attend_rotated(q, batch, kv_cache), residual
+
     def attend(self, qkv, positions, batch: AttnBatch, kv_cache, rope_tables):
-        """Everything after the qkv projection (whose output is qkv [T, (heads + 2 kv_heads) * head_dim]):
-        the decoder layer computes it fused with its norm (Ops.norm_linear)."""
+        """Everything after the qkv projection (whose output is qkv [T, (heads + 2 kv_heads) * head_dim])."""
         ops = self.ops
         t = qkv.shape[0]
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -65,6 +76,12 @@ class Attention(nn.Module):
         cos, sin = rope_tables
         k_cache, v_cache = kv_cache
         q = ops.rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, batch.slot_mapping)
-        o = ops.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
-                          batch.block_tables, self.scale)
-        return ops.row_parallel_linear(o.reshape(t, -1), self.o.value, self.tp)
+        return self.attend_rotated(q, batch, kv_cache)
+
+    def attend_rotated(self, q, batch: AttnBatch, kv_cache):
+        """Attention of the rotated q [T, heads, head_dim] over the cache (this step's k and v already
+        in it), then the output projection."""
+        k_cache, v_cache = kv_cache
+        o = self.ops.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.context_lens,
+                               batch.block_tables, self.scale)
+        return self.ops.row_parallel_linear(o.reshape(q.shape[0], -1), self.o.value, self.tp)

@@ -99,6 +99,25 @@ class Ops:
         h, residual = self.rmsnorm(x, norm_weight, eps, residual)
         return self.linear(h, w), residual
 
+    def norm_qkv_rope_kv(self, x, residual, norm_weight, eps, w, heads: tuple[int, int, int], positions,
+                         rope_tables, kv_cache, slot_mapping):
+        """The qkv projection of rmsnorm(x [+ residual]) (``norm_linear``), then ``rope_kv`` on its
+        heads = (n_heads, n_kv_heads, head_dim): returns (rotated q [T, n_heads, head_dim], the new
+        residual stream) and stores rotated k and v in kv_cache; one kernel where our GEMV runs on
+        a dense weight (RoPE and the cache write in its epilogue)."""
+        n_heads, n_kv_heads, head_dim = heads
+        t, q_width, kv_width = x.shape[0], n_heads * head_dim, n_kv_heads * head_dim
+        (cos, sin), (k_cache, v_cache) = rope_tables, kv_cache
+        if self._gemv(x, w) and isinstance(w, torch.Tensor):
+            from exactllm.kernels import gemv_triton
+            rope_kv = gemv_triton.RopeKV(q_width, kv_width, head_dim, positions, cos, sin, k_cache, v_cache,
+                                         slot_mapping)
+            qkv, residual = gemv_triton.norm_gemv_rope_kv(x, residual, norm_weight, eps, w, rope_kv)
+            return qkv[:, :q_width].view(t, n_heads, head_dim), residual
+        qkv, residual = self.norm_linear(x, residual, norm_weight, eps, w)
+        q, k, v = (part.view(t, -1, head_dim) for part in qkv.split((q_width, kv_width, kv_width), dim=-1))
+        return self.rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping), residual
+
     def swiglu_linear(self, gate_up, w, tp: TPContext):
         """Row-parallel down projection of silu(gate) * up, gate and up the two halves of gate_up;
         one kernel where our GEMV runs (the halves are read as strided views, never copied)."""

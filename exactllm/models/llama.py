@@ -59,9 +59,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, batch, kv_cache, rope_tables):
         """(layer output, residual stream); residual is None at the first layer (x is the stream).
-        Each RMSNorm goes with the projection after it (Ops.norm_linear: one kernel where it can)."""
-        qkv, residual = self.ops.norm_linear(x, residual, self.attn_norm, self.eps, self.attn.qkv.value)
-        h = self.attn.attend(qkv, positions, batch, kv_cache, rope_tables)
+        Each RMSNorm goes with the projection after it (one kernel where the ops can)."""
+        h, residual = self.attn.forward_norm(x, residual, self.attn_norm, self.eps, positions, batch, kv_cache,
+                                             rope_tables)
         if isinstance(self.ffn, MLP):
             return self.ffn.forward_norm(h, residual, self.ffn_norm, self.eps)
         h, residual = self.ops.rmsnorm(h, self.ffn_norm, self.eps, residual)
