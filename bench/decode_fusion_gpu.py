@@ -1,5 +1,6 @@
 """GPU check of the fused decode kernels at TinyLlama sizes (the CPU tests run them only under
-the interpreter): each against its torch reference on fresh random inputs, and the fast-mode
+the interpreter): each against its torch reference on fresh random inputs (the qkv GEMV with RoPE +
+KV write in its epilogue also against the unfused GEMV + RoPE kernels, bit for bit), and the fast-mode
 decode attention, whose split programs merge through an arrival counter, launched many times
 on the same input: every launch must give the same bits (a lost or early merge would not).
 
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from exactllm.kernels import activation, activation_triton, attention, attention_triton, rope, rope_triton
+from exactllm.kernels import activation, activation_triton, attention, attention_triton, gemv_triton, rope, rope_triton
 from exactllm.kernels import sampling, sampling_triton
 
 DEV = "cuda"
@@ -39,6 +40,30 @@ def check_rope_kv(gen, T, hq=32, hkv=4, d=64) -> dict:
     q_ref = rope.rope_kv_ref(q_in, k, v, pos, cos, sin, kc_ref, vc_ref, slots)
     out = rope_triton.rope_kv(q, k, v, pos, cos, sin, kc, vc, slots)
     return {"T": T, "q_rel": rel(out, q_ref), "k_cache_rel": rel(kc, kc_ref), "v_cache_equal": bool(torch.equal(vc, vc_ref))}
+
+
+def check_qkv_rope(gen, M, hidden=2048, hq=32, hkv=4, d=64) -> dict:
+    """norm_gemv_rope_kv vs norm_gemv then rope_kv (bits) and vs the float64 reference (rel. error)."""
+    cos, sin = rope.rope_cache(d, 4096, 10000.0, device=DEV)
+    x, r = (torch.randn(M, hidden, generator=gen, device=DEV).to(DT) for _ in range(2))
+    w = (torch.randn((hq + 2 * hkv) * d, hidden, generator=gen, device=DEV) / hidden ** 0.5).to(DT)
+    nw = 1.0 + 0.1 * torch.randn(hidden, generator=gen, device=DEV)
+    pos = torch.randint(0, 4096, (M,), generator=gen, device=DEV)
+    slots = torch.randperm(64, generator=gen, device=DEV)[:M]
+    caches = [torch.randn(4, 16, hkv, d, generator=gen, device=DEV).to(DT) for _ in range(2)]
+    fused_c, unfused_c, ref_c = ([c.clone() for c in caches] for _ in range(3))
+    spec = gemv_triton.RopeKV(hq * d, hkv * d, d, pos, cos, sin, fused_c[0], fused_c[1], slots)
+    y, _ = gemv_triton.norm_gemv_rope_kv(x, r, nw, 1e-5, w, spec)
+    qkv, _ = gemv_triton.norm_gemv(x, r, nw, 1e-5, w)
+    q, k, v = (p.view(M, -1, d) for p in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
+    rope_triton.rope_kv(q, k, v, pos, cos, sin, unfused_c[0], unfused_c[1], slots)
+    ref_c = [c.double() for c in ref_c]
+    ref, _ = rope.norm_gemv_rope_kv_ref(x.double(), r.double(), nw, 1e-5, w.double(),
+                                        gemv_triton.RopeKV(hq * d, hkv * d, d, pos, cos.double(), sin.double(),
+                                                           ref_c[0], ref_c[1], slots))
+    return {"M": M, "qkv_same_bits_as_unfused": bool(torch.equal(y, qkv)),
+            "caches_same_bits_as_unfused": all(torch.equal(a, b) for a, b in zip(fused_c, unfused_c)),
+            "rel_vs_f64": rel(y, ref), "k_cache_rel_vs_f64": rel(fused_c[0], ref_c[0])}
 
 
 def check_attention(gen, B, max_ctx=2048, hq=32, hkv=4, d=64, page=16, launches=100) -> dict:
@@ -88,10 +113,12 @@ def main() -> int:
     cpu_gen = torch.Generator().manual_seed(0)
     res = {"device": torch.cuda.get_device_name(),
            "rope_kv": [check_rope_kv(gen, T) for T in (1, 64, 4096)],
+           "qkv_rope_gemv": [check_qkv_rope(gen, M) for M in (1, 2, 8)],
            "attention_fast_decode": [check_attention(cpu_gen, B) for B in (1, 8, 64, 256)],
            "greedy_pick": [check_pick(gen, S) for S in (1, 64)],
            "silu_mul": [check_silu(gen, M) for M in (1, 64)]}
     ok = (all(r["q_rel"] < 1e-2 and r["k_cache_rel"] < 1e-2 and r["v_cache_equal"] for r in res["rope_kv"])
+          and all(r["rel_vs_f64"] < 1e-2 and r["k_cache_rel_vs_f64"] < 1e-2 for r in res["qkv_rope_gemv"])
           and all(r["rel_vs_f64"] < 1e-2 and r["same_bits_over_launches"] and r["counters_zero"]
                   for r in res["attention_fast_decode"])
           and all(r["tokens_equal"] and r["max_abs_lp_err"] < 1e-4 and r["given_logprobs_bitwise"] for r in res["greedy_pick"])
