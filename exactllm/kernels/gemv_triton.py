@@ -71,23 +71,25 @@ def _rope_kv_epilogue(y, rows, n0, M, q_width, kv_width, pos_ptr, cos_ptr, sin_p
     row_ok = rows < M
     HALF_N: tl.constexpr = BLOCK_N // 2
     i = (n0 % HEAD_DIM) // 2 + tl.arange(0, HALF_N)[None, :]  # pair index within the head
-    x0, x1 = tl.split(tl.reshape(y, (y.shape[0], HALF_N, 2)))
-    if n0 < q_width + kv_width:
+    out = y
+    if n0 < q_width + kv_width:  # q or k: rotate
+        x0, x1 = tl.split(tl.reshape(y, (y.shape[0], HALF_N, 2)))
+        x0 = x0.to(tl.float32)
+        x1 = x1.to(tl.float32)
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         c = tl.load(cos_ptr + pos * stride_c + i)
         s = tl.load(sin_ptr + pos * stride_c + i)
-        x0 = x0.to(tl.float32)
-        x1 = x1.to(tl.float32)
         out = tl.reshape(tl.join((x0 * c - x1 * s).to(y.dtype), (x0 * s + x1 * c).to(y.dtype)), y.shape)
-    else:
-        out = y
-    if n0 >= q_width:
+    if n0 >= q_width:  # k or v: to the cache; the output keeps them unrotated, as rope_kv leaves them
         slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
         n_kv = (n0 - q_width) % kv_width + tl.arange(0, BLOCK_N)[None, :]
         dst = slot * stride_cslot + (n_kv // HEAD_DIM) * stride_ch + n_kv % HEAD_DIM
-        cache = kc_ptr if n0 < q_width + kv_width else vc_ptr
-        tl.store(cache + dst, out.to(cache.dtype.element_ty), mask=row_ok & (slot >= 0))
-        out = y  # k and v stay unrotated in the output, as rope_kv leaves them
+        keep = row_ok & (slot >= 0)
+        if n0 < q_width + kv_width:
+            tl.store(kc_ptr + dst, out.to(kc_ptr.dtype.element_ty), mask=keep)
+        else:
+            tl.store(vc_ptr + dst, out.to(vc_ptr.dtype.element_ty), mask=keep)
+        out = y
     return out
 
 
