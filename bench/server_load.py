@@ -159,7 +159,8 @@ def start_server(args, port: int) -> subprocess.Popen:
 
 
 class Offline:
-    """LLM.generate over the same prompts, in groups of C (the batch shape C clients make).
+    """LLM.generate over the same prompts, in groups of C (the batch shape C clients make), its
+    CUDA graphs captured up front as the server's are.
 
     It runs on one worker thread, as the server's engine does: on CPU, torch's OpenMP pool
     behaves differently when driven from a non-main thread (on a busy 2-core machine we saw a
@@ -172,7 +173,14 @@ class Offline:
         self.llm = LLM(model=args.model, device=args.device, dtype=args.dtype, numerics=args.numerics)
         self.params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         self.max_tokens = args.max_tokens
-        self.pool.submit(self.llm.generate, ["warm up"], self.params, use_tqdm=False).result()
+        self.pool.submit(self._warm).result()
+
+    def _warm(self) -> None:
+        """Capture every CUDA graph now, as `exactllm serve` does at startup (none on CPU)."""
+        engine = self.llm.engine
+        engine.runner.capture_graphs(engine.cfg.max_num_seqs)
+        engine.runner.capture_prompt_graphs(engine.cfg.max_num_batched_tokens)
+        self.llm.generate(["warm up"], self.params, use_tqdm=False)
 
     def run(self, prompts: list[str], c: int) -> float:
         return self.pool.submit(self._run, prompts, c).result()

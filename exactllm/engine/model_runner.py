@@ -138,8 +138,9 @@ def build_inputs(chunks: list[ScheduledChunk], block_size: int, tables: BlockTab
 
 
 class ModelRunner:
-    """cuda_graphs: replay captured graphs for pure-decode steps on CUDA (default: on unless the
-    environment sets EXACTLLM_CUDA_GRAPHS=0)."""
+    """cuda_graphs: replay captured graphs on CUDA (default: on unless the environment sets
+    EXACTLLM_CUDA_GRAPHS=0): for pure-decode steps (cuda_graphs.py) and for steps that compute
+    prompt tokens (prompt_graphs.py; off alone with EXACTLLM_PROMPT_GRAPHS=0)."""
 
     def __init__(self, model, kv_caches: list, device, block_size: int, cuda_graphs: bool | None = None):
         self.model, self.kv_caches = model, kv_caches
@@ -147,15 +148,23 @@ class ModelRunner:
         self.tables = BlockTables()
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("EXACTLLM_CUDA_GRAPHS", "1") != "0"
-        self.graphs = None
+        self.graphs = self.prompt_graphs = None
         if cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True):
             from exactllm.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, kv_caches, self.device, block_size, self.tables)
+            if os.environ.get("EXACTLLM_PROMPT_GRAPHS", "1") != "0":
+                from exactllm.engine.prompt_graphs import PromptGraphs
+                self.prompt_graphs = PromptGraphs(model, kv_caches, self.device, block_size)
 
     def capture_graphs(self, max_batch: int) -> list[int]:
         """Capture now the decode graphs of every batch bucket up to max_batch
         (``DecodeGraphs.capture_all``); the buckets captured, [] where there are no graphs."""
         return [] if self.graphs is None else self.graphs.capture_all(max_batch)
+
+    def capture_prompt_graphs(self, max_tokens: int) -> list[int]:
+        """Capture now the prompt-step graphs of every token bucket up to max_tokens
+        (``PromptGraphs.capture_all``); the buckets captured, [] where there are none."""
+        return [] if self.prompt_graphs is None else self.prompt_graphs.capture_all(max_tokens)
 
     @torch.inference_mode()
     def forward_logits(self, inputs: StepInputs) -> torch.Tensor:
@@ -164,6 +173,12 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches,
                             **inputs.model_kwargs())
         return self.model.logits(hidden[inputs.logit_rows])
+
+    @torch.inference_mode()
+    def prompt_graph_logits(self, inputs: StepInputs) -> torch.Tensor:
+        """As forward_logits, the layers replayed from a prompt-step graph (prompt_graphs.py)."""
+        hidden = self.prompt_graphs.hidden(inputs)
+        return self.model.logits(hidden[host_to(inputs.logit_rows, self.device)])
 
     def launch(self, chunks: list[ScheduledChunk], randoms: dict, forward=None, feed=None) -> "Launched":
         """Send one step to the device and return at once; ``Launched.results()`` reads its tokens.
@@ -174,6 +189,8 @@ class ModelRunner:
             logits, picks = self.graphs.run(chunks, ids)  # greedy picks computed inside the graph
         else:
             inputs = build_inputs(chunks, self.block_size, self.tables, ids)
+            if forward is None and self.prompt_graphs is not None and self.prompt_graphs.accepts(inputs):
+                forward = self.prompt_graph_logits
             logits = (forward or self.forward_logits)(inputs)
             picks = None
         done = [ch.seq for ch in chunks if ch.completes]

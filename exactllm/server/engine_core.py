@@ -54,12 +54,13 @@ class EngineSpec:
 class Admission:
     """When held requests join the batch.
 
-    A step that computes prompts cannot replay a CUDA graph of pure decode: it runs eagerly for
-    every running sequence, and on a GPU costs several decode steps (launch-bound, nearly
-    whatever the number of prompt tokens). Requests arriving one by one would each force such
-    a step on every stream. So while sequences are decoding, new ones are held until the first
-    has waited ``window`` seconds, then added together: a request waits at most about what one
-    more eager step would cost all the others.
+    A step that computes prompts costs more than a decode step: it replays a prompt-step CUDA
+    graph (engine/prompt_graphs.py), is synchronous (no step scheduled ahead) and computes the
+    prompt tokens. Requests arriving one by one would each force such a step on every stream.
+    So while sequences are decoding, new ones are held until the first has waited ``window``
+    seconds, then added together: a request waits at most about what one more prompt step
+    would cost all the others. (H100, TinyLlama, bench/prompt_step.py: a step of 63 decode rows
+    and one 17-token prompt 2.4 ms from its graph, 25 ms eagerly; a decode step of 64 ~1.3 ms.)
 
     An idle engine waits for arrivals to pause (QUIET) before its first step, up to max_window
     from the first arrival (with a fixed window: up to that window): clients that resubmit as
@@ -77,8 +78,9 @@ class Admission:
     RECENT = 16
     QUIET = 0.002
 
-    # On an H100 under 64 streams of TinyLlama a prompt step took ~32 ms and a decode step ~1.3 ms
-    # (bench/server_load.py, 2026-11-23): the cap must not cut the window below that difference.
+    # On an H100 under 64 streams of TinyLlama an eager prompt step took ~32 ms and a decode step
+    # ~1.3 ms (bench/server_load.py, 2026-11-23): the cap must not cut the window below that
+    # difference where prompt steps run eagerly (no prompt graphs, or more tokens than their buckets).
     def __init__(self, window: float | None = None, graphs: bool = False, max_window: float = 0.05):
         self.fixed, self.graphs, self.max_window = window, graphs, max_window
         self.first_held = 0.0  # monotonic time the oldest held request arrived
@@ -284,11 +286,13 @@ def core_main(spec: EngineSpec, conn, parent_pid: int) -> None:
                   max_num_batched_tokens=spec.max_num_batched_tokens, num_kv_blocks=spec.num_kv_blocks,
                   max_model_len=spec.max_model_len)
         engine = llm.engine
-        t0 = time.perf_counter()  # capture every decode bucket before the first request, not during one
+        t0 = time.perf_counter()  # capture every graph bucket before the first request, not during one
         done = engine.runner.capture_graphs(spec.max_num_seqs)
-        if done:
-            logging.getLogger("exactllm.serve").info("captured %d decode CUDA graphs (batch %s) in %.1f s", len(done),
-                                                     ",".join(map(str, done)), time.perf_counter() - t0)
+        prompt = engine.runner.capture_prompt_graphs(spec.max_num_batched_tokens)
+        if done or prompt:
+            logging.getLogger("exactllm.serve").info(
+                "captured %d decode CUDA graphs (batch %s) and %d prompt-step graphs (tokens %s) in %.1f s",
+                len(done), ",".join(map(str, done)), len(prompt), ",".join(map(str, prompt)), time.perf_counter() - t0)
         if spec.setup is not None:
             spec.setup(engine)
     except BaseException as exc:
