@@ -5,7 +5,8 @@ step moved by up to 8% (profile_decode: 1,195 vs 1,293 us), more than the change
 So each tree runs in its own process, the trees alternate ``--rounds`` times, and the medians
 over rounds and their ratio are reported. Per process: the model is built, the decode graph of
 batch 1 captured, its replay timed (CUDA events, median of 50), and one greedy batch-1 generate
-of --prompt-len + --gen tokens timed end to end (tokens/s, the issue's batch-1 figure).
+of --prompt-len + --gen tokens timed end to end (tokens/s, the issue's batch-1 figure); its tokens
+and log-probs are compared with the baseline tree's (same bits or not).
 
   PYTHONPATH=. python bench/ab_step.py --trees /tmp/base,/tmp/new --models 'random:tinyllama-1.1b' --rounds 3
 Writes bench/results/ab_step_<tag>.json.
@@ -35,7 +36,7 @@ out = llm.generate([ids], params, use_tqdm=False)
 torch.cuda.synchronize()
 seconds = time.perf_counter() - t
 print("RESULT", json.dumps({"graph_step_us": graph_step_seconds(llm) * 1e6, "tokens_per_s": gen / seconds,
-                            "tokens": out[0].token_ids[:8]}))
+                            "tokens": out[0].token_ids, "logprobs": out[0].logprobs}))
 """
 
 
@@ -66,7 +67,11 @@ def main() -> None:
         for r in range(a.rounds):
             for tree in trees:
                 runs[tree].append(run_child(tree, model, a))
-                print(f"{model} round {r} {tree}: {runs[tree][-1]}", flush=True)
+                got = runs[tree][-1]
+                same = (got["tokens"], got["logprobs"]) == (runs[trees[0]][0]["tokens"], runs[trees[0]][0]["logprobs"])
+                got["same_bits_as_baseline"] = same
+                print(f"{model} round {r} {tree}: graph step {got['graph_step_us']:.1f} us, "
+                      f"{got['tokens_per_s']:.0f} tok/s, same bits as baseline: {same}", flush=True)
         med = {tree: {k: statistics.median(x[k] for x in runs[tree]) for k in ("graph_step_us", "tokens_per_s")}
                for tree in trees}
         report["models"][model] = {"runs": runs, "median": med}

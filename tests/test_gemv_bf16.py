@@ -285,3 +285,8 @@ def test_fast_cuda_attention_fuses_rope_into_the_qkv_gemv_and_agrees_with_the_cp
     y_steps, _ = qk_norm.forward_norm(x, r, nw, EPS, positions, batch, [c.clone() for c in caches], (cos, sin))
     assert calls["norm_gemv_rope_kv"] == 1 and calls["norm_gemv"] == 1
     assert torch.equal(y_steps, y), f"the step-by-step kernels give the fused path's bits (seed {seed})"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops_module, "GEMV_ROPE", False)  # the policy switch: norm GEMV, then the RoPE kernel
+        y_off, _ = fast.forward_norm(x, r, nw, EPS, positions, batch, [c.clone() for c in caches], (cos, sin))
+    assert calls["norm_gemv_rope_kv"] == 1 and calls["norm_gemv"] == 2
+    assert torch.equal(y_off, y), f"seed {seed}"

@@ -62,29 +62,37 @@ def _input(x_rows, r_rows, kk, mask, PROLOGUE: tl.constexpr):
 
 
 @triton.jit
-def _rope_kv_epilogue(y, rows, n0, M, q_width, kv_width, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
-                      stride_c, stride_cslot, stride_ch, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _rope_kv_inputs(rows, n0, M, pos_ptr, cos_ptr, sin_ptr, slot_ptr, stride_c, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+    """cos, sin [BLOCK_M, BLOCK_N // 2] of the pairs in rows n0 .. n0 + BLOCK_N at each row's position,
+    and each row's cache slot [BLOCK_M, 1]. Loaded before the weight stream, which hides their two
+    dependent memory round trips (position, then table), instead of at the program's tail."""
+    row_ok = rows < M
+    i = (n0 % HEAD_DIM) // 2 + tl.arange(0, BLOCK_N // 2)[None, :]  # pair index within the head
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    c = tl.load(cos_ptr + pos * stride_c + i)
+    s = tl.load(sin_ptr + pos * stride_c + i)
+    slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    return c, s, slot
+
+
+@triton.jit
+def _rope_kv_epilogue(y, c, s, slot, rows, n0, M, q_width, kv_width, kc_ptr, vc_ptr, stride_cslot, stride_ch,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The qkv outputs y [BLOCK_M, BLOCK_N] (rows of one head: n0 .. n0 + BLOCK_N, in the activation
     dtype) as ``rope_triton.rope_kv`` treats them: q rows come back rotated (to be stored as the
     output), k rows rotated into k_cache and v rows into v_cache at each row's slot (negative:
     none). Same float32 arithmetic on the same rounded inputs as rope_triton's ``_rotate``."""
-    row_ok = rows < M
-    HALF_N: tl.constexpr = BLOCK_N // 2
-    i = (n0 % HEAD_DIM) // 2 + tl.arange(0, HALF_N)[None, :]  # pair index within the head
     out = y
     if n0 < q_width + kv_width:  # q or k: rotate
-        x0, x1 = tl.split(tl.reshape(y, (y.shape[0], HALF_N, 2)))
+        x0, x1 = tl.split(tl.reshape(y, (y.shape[0], BLOCK_N // 2, 2)))
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        c = tl.load(cos_ptr + pos * stride_c + i)
-        s = tl.load(sin_ptr + pos * stride_c + i)
         out = tl.reshape(tl.join((x0 * c - x1 * s).to(y.dtype), (x0 * s + x1 * c).to(y.dtype)), y.shape)
     if n0 >= q_width:  # k or v: to the cache; the output keeps them unrotated, as rope_kv leaves them
-        slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
         n_kv = (n0 - q_width) % kv_width + tl.arange(0, BLOCK_N)[None, :]
         dst = slot * stride_cslot + (n_kv // HEAD_DIM) * stride_ch + n_kv % HEAD_DIM
-        keep = row_ok & (slot >= 0)
+        keep = (rows < M) & (slot >= 0)
         if n0 < q_width + kv_width:
             tl.store(kc_ptr + dst, out.to(kc_ptr.dtype.element_ty), mask=keep)
         else:
@@ -113,6 +121,9 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
     dt = y_ptr.dtype.element_ty
     w = tl.load(w_rows + ks, mask=mask_n & (ks < K), other=0.0)  # first tile: needs no activation
     pdl.enter(PDL)
+    if ROPE_KV:
+        rope_c, rope_s, slot = _rope_kv_inputs(m0 + tl.arange(0, BLOCK_M)[:, None], pid_n * BLOCK_N, M, pos_ptr,
+                                               cos_ptr, sin_ptr, slot_ptr, stride_c, BLOCK_N, HEAD_DIM)
     if PROLOGUE == 1 or PROLOGUE == 2:
         ss = tl.zeros([BLOCK_M, 1, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -138,8 +149,8 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
     rows = m0 + tl.arange(0, BLOCK_M)[:, None]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     if ROPE_KV:
-        y = _rope_kv_epilogue(y, rows, pid_n * BLOCK_N, M, q_width, kv_width, pos_ptr, cos_ptr, sin_ptr, kc_ptr,
-                              vc_ptr, slot_ptr, stride_c, stride_cslot, stride_ch, BLOCK_N, HEAD_DIM)
+        y = _rope_kv_epilogue(y, rope_c, rope_s, slot, rows, pid_n * BLOCK_N, M, q_width, kv_width, kc_ptr, vc_ptr,
+                              stride_cslot, stride_ch, BLOCK_N, HEAD_DIM)
     tl.store(y_ptr + rows.to(tl.int64) * stride_ym + cols, y, mask=(rows < M) & (cols < N))
 
 

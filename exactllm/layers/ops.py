@@ -33,6 +33,8 @@ from exactllm.numerics import Numerics
 # since the SwiGLU kernel + GEMV was faster (decode graph step 1165 vs 1203 us, profile_decode_gemv*.json).
 GEMV_MAX_M = 1
 GEMV_SWIGLU = False
+# RoPE and the KV-cache write in the epilogue of the qkv GEMV (no RoPE kernel in the decode step).
+GEMV_ROPE = True
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class Ops:
         n_heads, n_kv_heads, head_dim = heads
         t, q_width, kv_width = x.shape[0], n_heads * head_dim, n_kv_heads * head_dim
         (cos, sin), (k_cache, v_cache) = rope_tables, kv_cache
-        if self._gemv(x, w) and isinstance(w, torch.Tensor):
+        if GEMV_ROPE and self._gemv(x, w) and isinstance(w, torch.Tensor):
             from exactllm.kernels import gemv_triton
             rope_kv = gemv_triton.RopeKV(q_width, kv_width, head_dim, positions, cos, sin, k_cache, v_cache,
                                          slot_mapping)
