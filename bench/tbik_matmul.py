@@ -17,18 +17,22 @@ called it); medians of triton.testing.do_bench (eager, launch included),
 do_bench_cudagraph (GPU time, as in the engine's captured decode) and the host time per call.  Kernels are compiled
 first in --jobs parallel processes (Triton's disk cache).  Prints a table, writes
 tbik_matmul.json and tbik_matmul.png.
+--small: small-M variants (section "small M" below; tbik_small_m.json, leaf_probe.pt);
+--fit-leaf leaf_probe.pt (CPU): the integer model of the MMA step (mma_step_model) against it.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import math
 import multiprocessing as mp
 import os
 import time
 
 import torch
 import triton
+import triton.language as tl
 
 import exactllm.kernels.tree_matmul_triton as tk
 from exactllm.formats.quant import QuantWeight
@@ -357,6 +361,291 @@ def bench_quant():
     return rows
 
 
+# ---- small M (--small) ------------------------------------------------------------------------
+# 1. Leaf bits: one MMA step (K=16) and a 4-step chunk (K=64) on the same bf16 A, B and fp32 C as
+#    a wgmma tile, the same wgmma with A and B exchanged (D.T = B.T @ A.T + C.T, the small-M
+#    layout), a 16-row mma.sync tile, and a CUDA-core FMA chain in K order; A, B, C and every D
+#    are saved (leaf_probe.pt) for models of the MMA's summation fitted off the GPU.
+# 2. Bits: rows 1..16 through each swapped config x splits 1/2/4/8 and TP 2/4/8 partials == the
+#    same rows inside M=512 through the default (large-M) path; BF16 and the three quantized types.
+# 3. Time at M = 1, 8, 16 (CUDA graphs over weight copies rotated past L2): the fast linear, the
+#    default TBIK with PDL off (the previous kernel) and on, and each swapped config x splits.
+PROBE_MODES = {"wgmma": (64, False, False), "wgmma_swap": (64, True, False), "wgmma_swap16": (16, True, False),
+               "mma_sync16": (16, False, False), "fma_chain": (64, False, True)}
+SMALL_CONFIGS = [Config(16, 64, 4, 4, swap=True), Config(16, 128, 4, 4, swap=True),
+                 Config(16, 128, 8, 4, swap=True), Config(16, 256, 8, 3, swap=True)]
+SMALL_SLICES = [(0, 1), (77, 1), (511, 1), (3, 7), (9, 8), (100, 16), (5, 13)]
+SMALL_CHECK = {"bf16": [(2048, 2048), (2048, 5632)], "q8_0": [(2048, 2048), (1000, 576)],
+               "q4_0": [(2048, 5632)], "q4_1": [(2048, 2048), (1000, 576)]}
+SMALL_TIME = {"bf16": Q_SHAPES, "q8_0": Q_SHAPES}
+SMALL_MS = [1, 8]
+
+
+@triton.jit
+def _probe_kernel(a_ptr, b_ptr, c_ptr, d_ptr, BM: tl.constexpr, KD: tl.constexpr, SWAP: tl.constexpr,
+                  FMA: tl.constexpr):
+    """D[:BM] = A[:BM] @ B + C[:BM] for program p's A [64, KD] bf16, B [KD, 64] bf16, C [64, 64] fp32."""
+    p = tl.program_id(0)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, 64)
+    rk = tl.arange(0, KD)
+    a_ptr += p * 64 * KD
+    b_ptr += p * KD * 64
+    c_ptr += p * 64 * 64
+    d_ptr += p * 64 * 64
+    if SWAP:
+        at = tl.load(a_ptr + rm[None, :] * KD + rk[:, None])
+        bt = tl.load(b_ptr + rk[None, :] * 64 + rn[:, None])
+        dt = tl.dot(bt, at, tl.load(c_ptr + rm[None, :] * 64 + rn[:, None]))
+        tl.store(d_ptr + rm[None, :] * 64 + rn[:, None], dt)
+    else:
+        d = tl.load(c_ptr + rm[:, None] * 64 + rn[None, :])
+        if FMA:
+            for k in tl.static_range(KD):
+                d = tl.fma(tl.broadcast_to(tl.load(a_ptr + rm * KD + k).to(tl.float32)[:, None], (BM, 64)),
+                           tl.broadcast_to(tl.load(b_ptr + k * 64 + rn).to(tl.float32)[None, :], (BM, 64)), d)
+        else:
+            d = tl.dot(tl.load(a_ptr + rm[:, None] * KD + rk[None, :]),
+                       tl.load(b_ptr + rk[:, None] * 64 + rn[None, :]), d)
+        tl.store(d_ptr + rm[:, None] * 64 + rn[None, :], d)
+
+
+def leaf_probe(out_dir, programs=256):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    res, saved = {}, {}
+    for KD in (16, 64):
+        a = torch.randn(programs, 64, KD, device="cuda", generator=g)
+        b = torch.randn(programs, KD, 64, device="cuda", generator=g)
+        wide = torch.exp2(torch.randint(-12, 13, (programs // 2, 1, KD), device="cuda", generator=g).float())
+        a[programs // 2:] *= wide                          # half the problems: products 2^-24..2^24 apart
+        c = torch.randn(programs, 64, 64, device="cuda", generator=g) * torch.exp2(
+            torch.randint(-8, 9, (programs, 1, 1), device="cuda", generator=g).float())
+        c[::4] = 0                                         # a leaf's first step starts from zero
+        a, b = a.bfloat16().contiguous(), b.bfloat16().contiguous()
+        keep = torch.cat([torch.arange(16), torch.arange(programs // 2, programs // 2 + 16)])  # plain + wide
+        ds = {}
+        for name, (bm, swap, fma) in PROBE_MODES.items():
+            d = torch.full((programs, 64, 64), float("nan"), device="cuda")
+            _probe_kernel[(programs,)](a, b, c, d, BM=bm, KD=KD, SWAP=swap, FMA=fma, num_warps=4)
+            ds[name] = d[:, :bm]
+        ref = ds["wgmma"]
+        res[KD] = {name: int((d != ref[:, :d.shape[1]]).sum()) for name, d in ds.items()}
+        res[KD]["elements"] = ref.numel()
+        saved[KD] = {n: t[keep].cpu() for n, t in dict(a=a, b=b, c=c, wgmma=ref, fma_chain=ds["fma_chain"]).items()}
+        print("leaf probe K", KD, "differing from wgmma:", res[KD], flush=True)
+    torch.save(saved, os.path.join(out_dir, "leaf_probe.pt"))
+    return res
+
+
+def mma_step_model(a, b, c, keep=25):
+    """One bf16 k16 MMA step in exact integer arithmetic, a model fitted to the H100 (leaf_probe.pt:
+    0 of 196,608 outputs differ over K=16 and K=64 chains): products exact with exponents taken
+    unnormalized (ea + eb); the products and c aligned to the largest exponent emax, each
+    truncated at 2**(emax - keep); summed exactly; the sum truncated (toward zero) to FP32.
+    ``a``, ``b``: the 16 values (floats), ``c``: the accumulator.  Not an FMA chain: which is why
+    a CUDA-core leaf would need this integer emulation (~10 integer ops per product) to match."""
+    def lg(v):
+        return math.frexp(v)[1] - 1
+    terms = [(lg(x) + lg(y), x * y) for x, y in zip(a, b) if x != 0 and y != 0]
+    if c != 0:
+        terms.append((lg(c), c))
+    if not terms:
+        return 0.0
+    lsb = max(e for e, _ in terms) - keep
+    total = 0
+    for _, v in terms:
+        mant, e = math.frexp(v)
+        iv, sh = int(math.ldexp(mant, 53)), lsb - (e - 53)     # v == iv * 2**(e - 53)
+        total += (iv << -sh) if sh <= 0 else (abs(iv) >> sh) * (1 if iv > 0 else -1)
+    if total == 0:
+        return 0.0
+    m, sh = abs(total), max(0, abs(total).bit_length() - 24)
+    return math.copysign(math.ldexp(m >> sh, lsb + sh), total)
+
+
+def fit_leaf(path):
+    """Outputs of the saved leaf probe (wgmma, K=16 and 4-step K=64 chains) the model misses."""
+    res = {}
+    for KD, d in torch.load(path).items():
+        a, b, c, g = (d[k].double().numpy() for k in ("a", "b", "c", "wgmma"))
+        bad = n = 0
+        for p in range(a.shape[0]):
+            for i in range(64):
+                for j in range(64):
+                    acc = c[p, i, j]
+                    for s in range(0, KD, 16):
+                        acc = mma_step_model(a[p, i, s:s + 16], b[p, s:s + 16, j], acc)
+                    bad += acc != g[p, i, j]
+                    n += 1
+        res[KD] = dict(outputs=n, model_differs=int(bad))
+        print(f"leaf model K={KD}: {bad} of {n} outputs differ from the wgmma", flush=True)
+    return res
+
+
+def _sweight(wtype, N, K, dev="cuda", g=None):
+    w = torch.randn(N, K, device=dev, generator=g) / K ** 0.5
+    return w.bfloat16() if wtype == "bf16" else QuantWeight.quantize(w, wtype)
+
+
+def _shard(w, r, parts):
+    k = w.shape[1] // parts
+    return w[:, r * k:(r + 1) * k].contiguous() if isinstance(w, torch.Tensor) else w.shard(1, r, parts)
+
+
+def mma_line(call):
+    """The first MMA instruction in the PTX of the TBIK kernel that ``call`` launches, shortened
+    (wgmma with A from registers lists A's registers in braces; from shared memory, a descriptor)."""
+    k, got = tk._tbik_kernel, []
+    orig = k.run
+
+    def run(*a, **kw):
+        got.append(orig(*a, **kw))
+        return got[-1]
+    k.run = run
+    try:
+        call()
+    finally:
+        del k.run
+    ptx = getattr(got[-1], "asm", {}).get("ptx", "") if got else ""
+    for line in ptx.splitlines():
+        if "wgmma.mma_async" in line or "mma.sync" in line:
+            return " ".join(line.split())[:160]
+    return "none"
+
+
+def _small_variants(K):
+    """(config, splits, TP parts) checked: the first config at every split and TP size, the
+    others at splits 1 and 8."""
+    for i, c in enumerate(SMALL_CONFIGS):
+        for s in ((1, 2, 4, 8) if i == 0 else (1, 8)):
+            yield c, s, 1
+        if i == 0:
+            for parts in (2, 4, 8):
+                if (K // 32) % parts == 0:
+                    yield c, None, parts
+
+
+def check_small(dev):
+    g = torch.Generator(device=dev).manual_seed(4)
+    out = []
+    for wtype, shapes in SMALL_CHECK.items():
+        for N, K in shapes:
+            x = torch.randn(512, K, device=dev, generator=g).bfloat16()
+            w = _sweight(wtype, N, K, dev, g)
+            y = tk.tbik_matmul(x, w, config=Config(128, 64, 8, 4))
+            row = dict(wtype=wtype, N=N, K=K, differing={})
+            for c, s, parts in _small_variants(K):
+                if parts == 1:
+                    bad = sum(int((tk.tbik_matmul(x[a:a + m], w, splits=s, config=c) != y[a:a + m]).sum())
+                              for a, m in SMALL_SLICES)
+                else:
+                    k = K // parts
+                    partials = [tk.tbik_matmul_partial(x[3:19, r * k:(r + 1) * k].contiguous(), _shard(w, r, parts),
+                                                       parts, config=c) for r in range(parts)]
+                    bad = int((combine_partials(partials) != y[3:19]).sum())
+                row["differing"][f"{cfg_name(c)}/split{s}/tp{parts}"] = bad
+            row["mma"] = {cfg_name(c): mma_line(lambda: tk.tbik_matmul(x[:1], w, splits=1, config=c))
+                          for c in SMALL_CONFIGS[:3:2]}
+            row["mma"]["default_m512"] = mma_line(lambda: tk.tbik_matmul(x, w, config=Config(128, 64, 8, 4)))
+            row["default_small_rows_differing"] = sum(int((tk.tbik_matmul(x[a:a + m], w) != y[a:a + m]).sum())
+                                                      for a, m in SMALL_SLICES)
+            tree, (saved, tk.MAX_LEAF) = tk.tree_shape(K, 1), (tk.MAX_LEAF, 128)
+            if tk.tree_shape(K, 1) != tree:          # only where 128-element leaves are another tree
+                row["other_tree_differs"] = not torch.equal(tk.tbik_matmul(x[:16], w, config=SMALL_CONFIGS[0]), y[:16])
+            tk.MAX_LEAF = saved
+            print("small check", row, flush=True)
+            out.append(row)
+    return out
+
+
+OLD_SMALL = {"q8_0": Config(64, 32, 4, 4)}     # the M <= 64 tiles before the swapped one (else 64x64)
+
+
+def _small_timed(M, wtype, all_variants=True):
+    """(label, fn(x, w)) timed at M rows: the fast linear, the previous small-M tile ("before")
+    and the default, each with PDL off and on (tk.PDL is read at launch, so set around calls),
+    then every swapped config x splits."""
+    def call(cfg, splits=None, pdl=True):
+        def fn(x, w):
+            saved, tk.PDL = tk.PDL, pdl
+            try:
+                return tk.tbik_matmul(x, w, out_dtype=x.dtype, config=cfg, splits=splits)
+            finally:
+                tk.PDL = saved
+        return fn
+    if M == 1:   # what fast mode runs (ops.GEMV_MAX_M): our GEMV for dense weights; the quantized linear
+        from exactllm.kernels import gemv_triton
+        yield "fast", lambda x, w: gemv_triton.gemv(x, w) if isinstance(w, torch.Tensor) else mt.linear(x, w)
+    else:
+        yield "fast", lambda x, w: x @ w.T if isinstance(w, torch.Tensor) else mt.linear(x, w)
+    old = OLD_SMALL.get(wtype, tk.FIXED_CONFIG)
+    yield "before", call(old, pdl=False)
+    yield "before_pdl", call(old)
+    yield "default_nopdl", call(None, pdl=False)
+    yield "default", call(None)
+    if all_variants:
+        for c in SMALL_CONFIGS:
+            for s in (None, 2, 8):
+                yield f"{cfg_name(c)}_s{s or 'd'}", call(c, s)
+
+
+def _warm_small(job):
+    kind, wtype, M, N, K = job
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    w = _sweight(wtype, N, K)
+    if kind == "check":
+        tk.tbik_matmul(x, w, config=Config(128, 64, 8, 4))
+        for c, s, parts in _small_variants(K):
+            if parts == 1:
+                tk.tbik_matmul(x[:1], w, splits=s, config=c)
+            else:
+                tk.tbik_matmul_partial(x[:1, :K // parts].contiguous(), _shard(w, 0, parts), parts, config=c)
+        tk.tbik_matmul(x[:1], w)
+        tk.tbik_matmul(x[:16], w)
+        tk.MAX_LEAF = 128
+        tk.tbik_matmul(x[:1], w, config=SMALL_CONFIGS[0])
+        tk.MAX_LEAF = 1024
+    else:
+        for m in SMALL_MS:
+            for _, fn in _small_timed(m, wtype, m == 1):
+                fn(x[:1].expand(m, K).contiguous(), w)
+    torch.cuda.synchronize()
+    return job
+
+
+def warm_small(jobs, timing=True):
+    t = time.time()
+    work = [("check", q, 512, N, K) for q, shapes in SMALL_CHECK.items() for N, K in shapes]
+    if timing:   # one M per compile class: the timed kernels do not specialize on M
+        work += [("time", q, 1, N, K) for q, shapes in SMALL_TIME.items() for N, K in dict.fromkeys(shapes.values())]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for _ in pool.imap_unordered(_warm_small, work):
+            pass
+    print(f"small: compiled in {time.time() - t:.0f} s", flush=True)
+
+
+def bench_small():
+    from linear_kernels import bench_us, copies
+    rows = []
+    for wtype, shapes in SMALL_TIME.items():
+        for name, (N, K) in shapes.items():
+            ws = copies(wtype, N, K)
+            for M in SMALL_MS:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                row = dict(wtype=wtype, shape=name, M=M, N=N, K=K)
+                for label, fn in _small_timed(M, wtype, M == 1):
+                    row[label] = bench_us(lambda w, fn=fn: fn(x, w), ws)
+                swapped = {k: v for k, v in row.items() if k.startswith("16x")}
+                row["best_swap"] = min((v, k) for k, v in swapped.items()) if swapped else None
+                print(f"small {wtype} {name} M={M} " + " ".join(f"{k}={row[k]:.1f}" for k in
+                      ("fast", "before", "before_pdl", "default_nopdl", "default")), "best", row["best_swap"],
+                      flush=True)
+                rows.append(row)
+            del ws
+            torch.cuda.empty_cache()
+    return rows
+
+
 def print_quant_table(rows):
     print(f"\n{'q':5} {'shape':8} {'M':>5} {'fast':>7} {'invGEMM':>7} {'TBIKold':>7} {'TBIKq':>7} "
           f"{'TBIKdq':>7} best-M1 (us, CUDA graph, weights rotated past L2)")
@@ -409,12 +698,29 @@ def main():
     ap.add_argument("--jobs", type=int, default=12, help="parallel compile processes (0: none)")
     ap.add_argument("--checks-only", action="store_true")
     ap.add_argument("--quant", action="store_true", help="quantized weights only (checks and timing)")
+    ap.add_argument("--small", action="store_true", help="small-M variants only (leaf probe, checks, timing)")
+    ap.add_argument("--fit-leaf", metavar="LEAF_PROBE_PT", help="no GPU: check the MMA model on a saved probe")
     args = ap.parse_args()
+    if args.fit_leaf:
+        fit_leaf(args.fit_leaf)
+        return
     os.makedirs(args.out, exist_ok=True)
     old = load_old(args.old) if args.old else None
     t0 = time.time()
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=time.strftime("%Y-%m-%d"), max_leaf=tk.MAX_LEAF)
+    if args.small:
+        result["leaf_probe"] = leaf_probe(args.out)
+        if args.jobs:
+            warm_small(args.jobs, not args.checks_only)
+        result["small_checks"] = check_small("cuda")
+        print(f"small checks done at {time.time() - t0:.0f} s", flush=True)
+        if not args.checks_only:
+            result["small_bench"] = bench_small()
+        with open(os.path.join(args.out, "tbik_small_m.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"done at {time.time() - t0:.0f} s", flush=True)
+        return
     if args.quant:
         if args.jobs:
             warm_quant(args.jobs, not args.checks_only)

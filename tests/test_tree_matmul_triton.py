@@ -87,6 +87,38 @@ def test_invariant_across_m_splits_variants_and_tp(K, max_leaf):
         assert torch.equal(combine_partials(partials), y)
 
 
+SWAP = Config(16, 32, 4, 2, swap=True)
+
+
+@pytest.mark.parametrize("K", [256, 704])
+def test_swapped_tile_same_bits(K):
+    """The small-M tile (weights as the MMA's row operand, acc [BN, BM]) indexes the same
+    outputs and the same K steps as the normal tile: equal here with every split, stack variant,
+    row offset and TP split (under the interpreter each chunk is one numpy matmul, so this checks
+    the indexing; bench/tbik_matmul.py --small checks the MMA bits on the GPU)."""
+    x, w = _inputs(K, torch.bfloat16, M=20)
+    y = tbik_matmul(x, w, splits=1, config=CFG)
+    for s in (1, 8):
+        assert torch.equal(tbik_matmul(x, w, splits=s, config=SWAP), y)
+    for cfg in (SWAP._replace(unroll=True), SWAP._replace(spill_top=True)):
+        assert torch.equal(tbik_matmul(x, w, splits=2, config=cfg), y)
+    assert torch.equal(tbik_matmul(x[7:8], w, config=SWAP), y[7:8])
+    k = K // 2
+    partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], w[:, r * k:(r + 1) * k], 2, config=SWAP)
+                for r in range(2)]
+    assert torch.equal(combine_partials(partials), y)
+    assert not torch.equal(tbik_matmul(x, w.flip(1), config=SWAP), y)   # the check can fail
+
+
+def test_small_m_config_choice():
+    """The swapped tile only where its bits are checked: M <= small_m (Hopper, bf16 x)."""
+    assert tk.pick_config(1, 2048, 2048, 8, small_m=16) == tk.SMALL_CONFIG
+    assert tk.pick_config(16, 2048, 2048, 8, "q8_0", small_m=16) == tk.SMALL_CONFIG
+    assert not tk.pick_config(17, 2048, 2048, 8, small_m=16).swap
+    assert not tk.pick_config(1, 2048, 2048, 8).swap                      # off Hopper / other dtypes
+    assert tk.pick_config(1, 2048, 2048, 8, "q8_0", fixed=True, small_m=16) == tk.FIXED_CONFIG
+
+
 def test_default_config_path():
     """No config given: pick_config / default_splits choose (here 64x64 tiles, split 2 ways)."""
     x, w = _inputs(256, torch.bfloat16, M=3, N=200)

@@ -63,6 +63,20 @@ def test_accuracy_and_invariance(qtype, K):
         assert torch.equal(combine_partials(partials), y), f"parts {parts} seed {seed}"
 
 
+@pytest.mark.parametrize("qtype,K", [("q8_0", 256), ("q4_1", 256), ("q4_0", 704)])
+def test_swapped_tile_same_bits(qtype, K):
+    """The small-M tile reads the planes as [rows, blocks, bytes] (K = 256: by block; 704: per
+    element) and gives the bits of the normal tile, across splits and TP shards."""
+    x, W, seed = _inputs(K, qtype, M=5)
+    y = tbik_matmul(x, W, splits=1, config=CFG)
+    swap = Config(16, 32, 4, 2, swap=True)
+    for s in (1, 8):
+        assert torch.equal(tbik_matmul(x, W, splits=s, config=swap), y), f"splits {s} seed {seed}"
+    k = K // 2
+    partials = [tbik_matmul_partial(x[:, r * k:(r + 1) * k], W.shard(1, r, 2), 2, config=swap) for r in range(2)]
+    assert torch.equal(combine_partials(partials), y), f"seed {seed}"
+
+
 def test_other_tree_differs(monkeypatch):
     """Two leaves of 32 per piece instead of one of 64 (K=512; both read by block): other bits."""
     x, W, seed = _inputs(512, "q8_0")

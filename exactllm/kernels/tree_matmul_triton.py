@@ -27,6 +27,16 @@ Nothing in the arithmetic depends on M: the tree is fixed by K, the chunk size B
 tile sizes BLOCK_M/BLOCK_N only choose which program computes an output element.  Tile
 configs therefore may follow M (``pick_config``); bench/tbik_matmul.py checks on the GPU that
 every config gives the same bits.
+
+Small M (``Config.swap``, up to SMALL_M rows): the tile is turned round, acc [BLOCK_N, BLOCK_M] +=
+w [BLOCK_N, BK] @ x.T [BK, BLOCK_M], so the weights fill the wgmma's 64-row side and x its
+16-wide side (m64n16k16 instead of m64n64k16 with 63 of 64 rows idle at M=1).  A leaf cannot
+leave the tensor cores: an FP32 FMA chain in K order differs from the MMA's sum in 50% of the
+outputs of one k16 step (73% over K=64), since the MMA does not add its products one by one.
+But the MMA's sum is the same whichever operand is A: on H100 wgmma m64n64, the same with A and
+B exchanged, m64n16 and a 16-row mma.sync agree bit for bit on the same data (bench/tbik_matmul.py
+--small, leaf probe), and the swapped kernel equals the large-M one on every type (BF16, Q8_0,
+Q4_0, Q4_1, weights dequantized in registers feeding wgmma's register operand), split and TP size.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels.matmul_triton import QCODES, _is_hopper, _nibble_f32, dequantize
@@ -45,6 +56,11 @@ from exactllm.kernels.tree import combine_partials, k_pieces
 MAX_LEAF = 1024      # longest sequential leaf (elements of K)
 MAX_DEPTH = 6        # up to 64 leaves per program
 MAX_SPLITS = 8       # programs that may share one output tile
+# Programmatic dependent launch (the kernel lets the next one launch, then waits for the previous
+# one; never changes bits).  Off: on H100 at M=1 it moved TinyLlama's linears by -0.6..+2.7 us
+# (BF16 1.5% less in all, Q8_0 2.5% more; bench/tbik_matmul.py --small, tbik_small_m.json), so
+# it stays a measured alternative until an end-to-end run shows a gain.
+PDL = False
 _N_COUNTERS = 1 << 16
 
 
@@ -56,6 +72,7 @@ class Config(NamedTuple):
     num_stages: int
     spill_top: bool = False   # keep the stack's top level in memory (frees registers)
     unroll: bool = False      # leaves unrolled (compile-time stack) instead of one flat loop
+    swap: bool = False        # weights as the MMA's row operand: acc is [block_n, block_m] (small M)
 
 
 class TreeShape(NamedTuple):
@@ -166,44 +183,66 @@ def _drain(c, s0, s1, s2, s3, s4, s5, DEPTH: tl.constexpr):
 
 @triton.jit
 def _dequant_blocks(w_ptr, sc_ptr, mn_ptr, rn, n_ok, k0, k_end, stride_wn, stride_sn,
-                    QTYPE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """Quantized weights [BK, BN] at K offsets k0 .. k0 + BK of the rows ``rn``, in float32 and K
-    order (k0 a multiple of 32; blocks at or past ``k_end``, a multiple of 32, read as 0): whole
-    blocks per load (16 bytes of nibbles or 32 int8), one scale per block.  The values are those
-    of QuantWeight.dequantize (q * d exact; Q4_1 adds min with one rounding)."""
+                    QTYPE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+    """Quantized weights [BK, BN] ([BN, BK] if SWAP) at K offsets k0 .. k0 + BK of the rows ``rn``,
+    in float32 and K order (k0 a multiple of 32; blocks at or past ``k_end``, a multiple of 32, read
+    as 0): whole blocks per load (16 bytes of nibbles or 32 int8), one scale per block.  The values
+    are those of QuantWeight.dequantize (q * d exact; Q4_1 adds min with one rounding)."""
     NB: tl.constexpr = BK // 32
+    EL: tl.constexpr = 32 if QTYPE == 3 else 16            # bytes per block
     blk = k0 // 32 + tl.arange(0, NB)
-    bmask = (blk < k_end // 32)[:, None] & n_ok[None, :]                       # [NB, BN]
-    d = tl.load(sc_ptr + rn[None, :] * stride_sn + blk[:, None], mask=bmask, other=0.0).to(tl.float32)
-    rows = w_ptr + rn[None, None, :] * stride_wn
+    el = tl.arange(0, EL)
+    if SWAP:     # axes: row, block, byte
+        bmask = n_ok[:, None] & (blk < k_end // 32)[None, :]
+        blocks = rn[:, None] * stride_sn + blk[None, :]
+        d = tl.load(sc_ptr + blocks, mask=bmask, other=0.0).to(tl.float32)[:, :, None]
+        q = tl.load(w_ptr + rn[:, None, None] * stride_wn + (blk[:, None] * EL + el[None, :])[None, :, :],
+                    mask=bmask[:, :, None], other=0)
+    else:        # axes: block, byte, row
+        bmask = (blk < k_end // 32)[:, None] & n_ok[None, :]
+        blocks = rn[None, :] * stride_sn + blk[:, None]
+        d = tl.load(sc_ptr + blocks, mask=bmask, other=0.0).to(tl.float32)[:, None, :]
+        q = tl.load(w_ptr + rn[None, None, :] * stride_wn + (blk[:, None] * EL + el[None, :])[:, :, None],
+                    mask=bmask[:, None, :], other=0)
     if QTYPE == 3:
-        q = tl.load(rows + (blk[:, None] * 32 + tl.arange(0, 32)[None, :])[:, :, None], mask=bmask[:, None, :],
-                    other=0)
-        return tl.reshape(q.to(tl.float32) * d[:, None, :], (BK, BN))
-    q = tl.load(rows + (blk[:, None] * 16 + tl.arange(0, 16)[None, :])[:, :, None], mask=bmask[:, None, :],
-                other=0).to(tl.int32)                                           # [NB, 16, BN]
-    lo = _nibble_f32(q & 15, QTYPE) * d[:, None, :]
-    hi = _nibble_f32(q >> 4, QTYPE) * d[:, None, :]
-    if QTYPE == 2:
-        mn = tl.load(mn_ptr + rn[None, :] * stride_sn + blk[:, None], mask=bmask, other=0.0).to(tl.float32)
-        lo += mn[:, None, :]
-        hi += mn[:, None, :]
-    # byte j of a block holds weight j (low nibble) and j + 16 (high): [NB, 2, 16, BN] is K order
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 3, 1, 2)), (BK, BN))
+        w = q.to(tl.float32) * d
+    else:
+        q = q.to(tl.int32)
+        lo = _nibble_f32(q & 15, QTYPE) * d
+        hi = _nibble_f32(q >> 4, QTYPE) * d
+        if QTYPE == 2:
+            mn = tl.load(mn_ptr + blocks, mask=bmask, other=0.0).to(tl.float32)
+            if SWAP:
+                mn = mn[:, :, None]
+            else:
+                mn = mn[:, None, :]
+            lo += mn
+            hi += mn
+        # byte j of a block holds weight j (low nibble) and j + 16 (high): (.., 2, 16) is K order
+        if SWAP:
+            w = tl.permute(tl.join(lo, hi), (0, 1, 3, 2))
+        else:
+            w = tl.permute(tl.join(lo, hi), (0, 3, 1, 2))
+    if SWAP:
+        w = tl.reshape(w, (BN, BK))
+    else:
+        w = tl.reshape(w, (BK, BN))
+    return w
 
 
 @triton.jit
-def _dequant_elems(w_cols, sc_cols, mn_cols, k, b_mask, QTYPE: tl.constexpr):
-    """Quantized weights [BK, BN] at any K offsets ``k``, in float32: the values of
-    ``_dequant_blocks``, gathered element by element (trees whose chunks do not start on blocks)."""
-    blk = (k // 32)[:, None]
-    d = tl.load(sc_cols + blk, mask=b_mask, other=0.0).to(tl.float32)
+def _dequant_elems(w_rows, sc_rows, mn_rows, k, b_mask, QTYPE: tl.constexpr):
+    """Quantized weights at any K offsets ``k`` (a grid broadcast against the row pointers
+    ``w_rows``), in float32: the values of ``_dequant_blocks``, gathered element by element (trees
+    whose chunks do not start on blocks)."""
+    blk = k // 32
+    d = tl.load(sc_rows + blk, mask=b_mask, other=0.0).to(tl.float32)
     if QTYPE == 3:
-        return tl.load(w_cols + k[:, None], mask=b_mask, other=0).to(tl.float32) * d
-    byte = tl.load(w_cols + (blk * 16 + (k % 16)[:, None]), mask=b_mask, other=0).to(tl.int32)
-    w = _nibble_f32((byte >> ((k // 16) % 2 * 4)[:, None]) & 15, QTYPE) * d
+        return tl.load(w_rows + k, mask=b_mask, other=0).to(tl.float32) * d
+    byte = tl.load(w_rows + (blk * 16 + k % 16), mask=b_mask, other=0).to(tl.int32)
+    w = _nibble_f32((byte >> (k // 16 % 2 * 4)) & 15, QTYPE) * d
     if QTYPE == 2:
-        w += tl.load(mn_cols + blk, mask=b_mask, other=0.0).to(tl.float32)
+        w += tl.load(mn_rows + blk, mask=b_mask, other=0.0).to(tl.float32)
     return w
 
 
@@ -211,38 +250,53 @@ def _dequant_elems(w_cols, sc_cols, mn_cols, k, b_mask, QTYPE: tl.constexpr):
 def _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk, stride_sn,
                 m_ok, n_ok, rk, gl, c, L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr,
                 BK: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                UPCAST: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr, SWAP: tl.constexpr):
     """acc + the products of chunk ``c`` of leaf ``gl`` (of this rank's subtree).  Quantized
     weights (QTYPE 1..3, codes of matmul_triton.QCODES) are dequantized in registers to x's
-    dtype: by whole 32-blocks where every chunk starts on one (ALIGNED), else per element."""
+    dtype: by whole 32-blocks where every chunk starts on one (ALIGNED), else per element.
+    SWAP: acc [BN, BM] += w [BN, BK] @ x.T [BK, BM] (``x_rows`` then a [1, BM] grid), the same
+    products on the same K steps with the MMA's roles of x and w exchanged."""
     if EVEN:     # equal leaves, whole chunks: leaf gl starts at gl * LEAF
         k0 = gl * LEAF + c * BK
         k_end = k0 + BK
-        k = k0 + rk
-        a_mask = m_ok[:, None]
-        b_mask = n_ok[None, :]
     else:
         p = gl // NLP
         j = gl - p * NLP
         k0 = p * L + j * LEAF + c * BK
         k_end = p * L + tl.minimum((j + 1) * LEAF, L)
-        k = k0 + rk
-        k_ok = k < k_end
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        b_mask = n_ok[None, :] & k_ok[:, None]
-    a = tl.load(x_rows + k[None, :] * stride_xk, mask=a_mask, other=0.0)
+    k = k0 + rk
+    if SWAP:     # K along the x tile's rows and the weight tile's columns
+        kx = k[:, None]
+        kw = k[None, :]
+        wrow = rn[:, None]
+        a_mask = m_ok[None, :]
+        b_mask = n_ok[:, None]
+    else:
+        kx = k[None, :]
+        kw = k[:, None]
+        wrow = rn[None, :]
+        a_mask = m_ok[:, None]
+        b_mask = n_ok[None, :]
+    if not EVEN:
+        a_mask = a_mask & (kx < k_end)
+        b_mask = b_mask & (kw < k_end)
+    a = tl.load(x_rows + kx * stride_xk, mask=a_mask, other=0.0)
     if QTYPE == 0:
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None] * stride_wk, mask=b_mask, other=0.0)
+        b = tl.load(w_ptr + wrow * stride_wn + kw * stride_wk, mask=b_mask, other=0.0)
     elif ALIGNED:
         b = _dequant_blocks(w_ptr, sc_ptr, mn_ptr, rn, n_ok, k0, k_end, stride_wn, stride_sn,
-                            QTYPE, BK, BN).to(a.dtype)
+                            QTYPE, BK, BN, SWAP).to(a.dtype)
     else:
-        b = _dequant_elems(w_ptr + rn[None, :] * stride_wn, sc_ptr + rn[None, :] * stride_sn,
-                           mn_ptr + rn[None, :] * stride_sn, k, b_mask, QTYPE).to(a.dtype)
+        b = _dequant_elems(w_ptr + wrow * stride_wn, sc_ptr + wrow * stride_sn, mn_ptr + wrow * stride_sn,
+                           kw, b_mask, QTYPE).to(a.dtype)
     if UPCAST:   # the interpreter's bf16 dot is broken (triton 3.9); bf16 -> fp32 is exact
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC)
+    if SWAP:
+        acc = tl.dot(b, a, acc, input_precision=PREC)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
@@ -260,7 +314,11 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                  LEAVES: tl.constexpr, DEPTH: tl.constexpr, SPLITS: tl.constexpr,
                  SPILL_TOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 UNROLL: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                 UNROLL: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                 SWAP: tl.constexpr, PDL: tl.constexpr):
+    if PDL:      # let the next kernel launch now; wait for the previous one before touching memory
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     split = pid % SPLITS
     tile = pid // SPLITS
@@ -276,11 +334,18 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     rk = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < N
-    x_rows = x_ptr + rm[:, None] * stride_xm
+    if SWAP:     # the tile is [BN, BM]: om / on index its rows of x / of w along their axes
+        om = rm[None, :]
+        on = rn[:, None]
+        zero = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        om = rm[:, None]
+        on = rn[None, :]
+        zero = tl.zeros((BM, BN), dtype=tl.float32)
+    x_rows = x_ptr + om * stride_xm
     CPL: tl.constexpr = (LEAF + BK - 1) // BK      # chunks per leaf
     EVEN: tl.constexpr = (LEAF % BK == 0) and (L % LEAF == 0)
     PUSH_DEPTH: tl.constexpr = DEPTH - 1 if SPILL_TOP else DEPTH
-    zero = tl.zeros((BM, BN), dtype=tl.float32)
     acc = zero
     s0, s1, s2, s3, s4, s5 = zero, zero, zero, zero, zero, zero
     if UNROLL:   # leaves unrolled: the stack logic is resolved at compile time
@@ -289,33 +354,31 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
             for c in range(CPL):
                 acc = _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
                                   stride_sn, m_ok, n_ok, rk, split * LEAVES + g, c, L, LEAF, NLP, BK, BN,
-                                  EVEN, PREC, UPCAST, QTYPE, ALIGNED)
+                                  EVEN, PREC, UPCAST, QTYPE, ALIGNED, SWAP)
             if g < LEAVES - 1:
                 top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
                 if SPILL_TOP:
                     if g == LEAVES // 2 - 1:
-                        tl.store(ws_ptr + split * M * N + rm[:, None] * N + rn[None, :], top,
-                                 mask=m_ok[:, None] & n_ok[None, :])
+                        tl.store(ws_ptr + split * M * N + om * N + on, top, mask=(om < M) & (on < N))
     else:        # one flat loop over the chunks, pipelined across leaf boundaries
         for i in range(LEAVES * CPL):
             g = i // CPL                               # leaf within this program
             c = i - g * CPL                            # chunk within the leaf
             acc = _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
                               stride_sn, m_ok, n_ok, rk, split * LEAVES + g, c, L, LEAF, NLP, BK, BN,
-                              EVEN, PREC, UPCAST, QTYPE, ALIGNED)
+                              EVEN, PREC, UPCAST, QTYPE, ALIGNED, SWAP)
             if (c == CPL - 1) & (g < LEAVES - 1):
                 top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
                 if SPILL_TOP:
                     if g == LEAVES // 2 - 1:           # left half of the program's tree is done
-                        tl.store(ws_ptr + split * M * N + rm[:, None] * N + rn[None, :], top,
-                                 mask=m_ok[:, None] & n_ok[None, :])
+                        tl.store(ws_ptr + split * M * N + om * N + on, top, mask=(om < M) & (on < N))
                 acc = zero
     root = _drain(acc, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    ws_tile = ws_ptr + rm[:, None] * N + rn[None, :]
+    out_mask = (om < M) & (on < N)
+    ws_tile = ws_ptr + om * N + on
     if SPILL_TOP:
         root = tl.load(ws_tile + split * M * N, mask=out_mask, other=0.0) + root
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    out = out_ptr + om * stride_om + on * stride_on
     if SPLITS == 1:
         tl.store(out, _round(root, out_ptr), mask=out_mask)
     else:
@@ -369,18 +432,27 @@ FIXED_CONFIG = Config(64, 64, 4, 4)
 DEQUANT_MIN_M = 256   # from this M on (Hopper) a quantized weight is dequantized first (same bits)
 
 
+SMALL_M = 16                                  # up to this M (Hopper, bf16 x): SMALL_CONFIG
+SMALL_CONFIG = Config(16, 128, 4, 4, swap=True)
+
+
 def pick_config(M: int, N: int, K_local: int, local_leaves: int, qtype: "str | None" = None,
-                fixed: bool = False) -> Config:
+                fixed: bool = False, small_m: int = 0) -> Config:
     """Tile config by M bucket (any wgmma config gives the same bits, checked on H100 by
     bench/tbik_matmul.py; for quantized weights a 32-row mma.sync tile does not, so none is used).
     Large tiles need few stack levels in registers: 128x64 over 8 warps holds acc + 3 levels
     without spilling; 128x128 does not (measured 4-5x slower).  Q8_0 at M <= 64: 64x32 tiles
     (H100, M=1: 9-28 us vs 10-36 for 64x64 on TinyLlama's linears, tbik_matmul_quant.json).
+    Up to ``small_m`` rows (SMALL_M on Hopper with bf16 x, else 0) the swapped tile (module
+    docstring): same bits; H100, M=1, TinyLlama's 5 linears: Q8_0 137 -> 103 us, BF16 122 -> 118
+    (bench/tbik_matmul.py --small; 16x128 over 4 warps the best single config of the 4 tried).
     ``fixed``: FIXED_CONFIG at every M (quantized weights off Hopper, where no GPU run has shown
     that the tiles stay in one bit class: the MMA family and the register layout of a weight
     dequantized in registers differ there)."""
     if fixed:
         return FIXED_CONFIG
+    if M <= small_m:
+        return SMALL_CONFIG
     if M <= 64:
         return Config(64, 32, 4, 4) if qtype == "q8_0" else FIXED_CONFIG
     return Config(128, 64, 8, 4)
@@ -406,11 +478,13 @@ def _aligned(ts: TreeShape) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, hopper, interpret, max_leaf, qtype):
+def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, hopper, interpret, max_leaf, qtype, small_m):
     """Grid, kernel keywords and workspace shape of one call (cached: launch overhead;
-    ``max_leaf`` is MAX_LEAF, a key only, so that changing the tree is never served stale)."""
+    ``max_leaf`` is MAX_LEAF, a key only, so that changing the tree is never served stale;
+    ``small_m``: rows up to which the swapped tile is picked, 0 where its bits are unchecked)."""
     ts = tree_shape(K_local, parts)
-    cfg = config or pick_config(M, N, K_local, ts.local_leaves, qtype, fixed=qtype is not None and not hopper)
+    cfg = config or pick_config(M, N, K_local, ts.local_leaves, qtype, fixed=qtype is not None and not hopper,
+                                small_m=small_m)
     if splits is None:
         splits = default_splits(M, N, cfg, ts.local_leaves, n_sm, 1 if qtype is None else 4)
     if splits < 1 or splits & (splits - 1) or splits > min(ts.local_leaves, MAX_SPLITS):
@@ -423,7 +497,8 @@ def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, hopper, interpret, m
     kw = dict(L=ts.piece_len, LEAF=ts.leaf, NLP=ts.leaves_per_piece, LEAVES=leaves, DEPTH=_levels(leaves),
               SPLITS=splits, SPILL_TOP=spill, BM=cfg.block_m, BN=cfg.block_n, BK=ts.block_k, GROUP_M=8,
               PREC="ieee" if fp32 else "tf32", UPCAST=interpret, UNROLL=cfg.unroll,
-              QTYPE=QCODES[qtype], ALIGNED=_aligned(ts), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+              QTYPE=QCODES[qtype], ALIGNED=_aligned(ts), SWAP=cfg.swap, num_warps=cfg.num_warps,
+              num_stages=cfg.num_stages)
     ws_shape = (splits, M, N) if (splits > 1 or spill) else (1,)
     return (tiles * splits,), kw, ws_shape, splits > 1
 
@@ -449,11 +524,14 @@ def _launch(x, w, parts, out_dtype, splits, config):
         qtype, qs, sc, mn = None, w, w, w
         strides = (w.stride(0), w.stride(1), 0)
     grid, kw, ws_shape, counted = _plan(M, N, K_local, parts, x.dtype == torch.float32, splits, config,
-                                        n_sm, hopper, os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF, qtype)
+                                        n_sm, hopper, os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF, qtype,
+                                        SMALL_M if hopper and x.dtype == torch.bfloat16 else 0)
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
+    use_pdl = PDL and x.device.type == "cuda"
     _tbik_kernel[grid](x, qs, sc, mn, out, ws, _counters(x.device) if counted else ws, M, N,
-                       x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1), **kw)
+                       x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1), PDL=use_pdl, **kw,
+                       **({"launch_pdl": True} if use_pdl else {}))
     return out
 
 
