@@ -19,6 +19,7 @@ first in --jobs parallel processes (Triton's disk cache).  Prints a table, write
 tbik_matmul.json and tbik_matmul.png.
 --small: small-M variants (section "small M" below; tbik_small_m.json, leaf_probe.pt);
 --fit-leaf leaf_probe.pt (CPU): the integer model of the MMA step (mma_step_model) against it.
+--e2e MODEL: tp_invariant end to end with the small-M tile off and on, PDL off and on (E2E_RUNS).
 """
 from __future__ import annotations
 
@@ -646,6 +647,24 @@ def bench_small():
     return rows
 
 
+E2E_RUNS = [("small_off", 0, False), ("small_on", 16, False), ("small_on_pdl", 16, True), ("small_on_again", 16, False),
+            ("small_off_again", 0, False)]   # ABBA-like order: drift over the process shows as off != off_again
+
+
+def e2e(model, out_dir, tokens, batch_sizes):
+    """End to end in one process (bench/invariance_gpu.run_mode: bit checks batch vs 1 and train ==
+    serve, tok/s): fast once, then tp_invariant with the small-M tile off / on, PDL off / on."""
+    from invariance_gpu import run_mode
+    rows = {}
+    for label, small_m, on in [("fast", tk.SMALL_M, False)] + E2E_RUNS:
+        tk.SMALL_M, tk.PDL = small_m, on
+        rows[label] = run_mode(model, "fast" if label == "fast" else "tp_invariant", batch_sizes, tokens, "cuda")
+        print("e2e", label, json.dumps(rows[label], default=str), flush=True)
+        with open(os.path.join(out_dir, "tbik_small_m_e2e.json"), "w") as f:
+            json.dump(dict(model=model, device=torch.cuda.get_device_name(), runs=rows), f, indent=1, default=str)
+    return rows
+
+
 def print_quant_table(rows):
     print(f"\n{'q':5} {'shape':8} {'M':>5} {'fast':>7} {'invGEMM':>7} {'TBIKold':>7} {'TBIKq':>7} "
           f"{'TBIKdq':>7} best-M1 (us, CUDA graph, weights rotated past L2)")
@@ -700,9 +719,16 @@ def main():
     ap.add_argument("--quant", action="store_true", help="quantized weights only (checks and timing)")
     ap.add_argument("--small", action="store_true", help="small-M variants only (leaf probe, checks, timing)")
     ap.add_argument("--fit-leaf", metavar="LEAF_PROBE_PT", help="no GPU: check the MMA model on a saved probe")
+    ap.add_argument("--e2e", metavar="MODEL", help="end to end, tp_invariant with the small-M tile off/on (E2E_RUNS)")
+    ap.add_argument("--e2e-tokens", type=int, default=128)
+    ap.add_argument("--e2e-batch-sizes", default="1,8")
     args = ap.parse_args()
     if args.fit_leaf:
         fit_leaf(args.fit_leaf)
+        return
+    if args.e2e:
+        os.makedirs(args.out, exist_ok=True)
+        e2e(args.e2e, args.out, args.e2e_tokens, [int(b) for b in args.e2e_batch_sizes.split(",")])
         return
     os.makedirs(args.out, exist_ok=True)
     old = load_old(args.old) if args.old else None
