@@ -140,17 +140,12 @@ def test_select_mixes_greedy_picks_and_sampled_rows():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("min_split", [1, None])
-def test_fast_decode_attention_combines_in_kernel(dtype, min_split, monkeypatch):
+def test_fast_decode_attention_combines_in_kernel(dtype):
     """Fast-mode decode merges its KV splits inside the attention kernel (the last split program
     of each sequence and KV head to arrive): outputs match the reference across many splits,
     a padding row (context 0, as CUDA graphs pad) gets zeros, the arrival counters are back to
-    zero after each call, and a second call gives the same bits. min_split 1: the split follows
-    the shapes (16 keys here, up to 5 per sequence); None: the module's minimum, so every context
-    here fits one split and its program writes the output itself."""
+    zero after each call, and a second call gives the same bits."""
     from exactllm.kernels import attention, attention_triton
-    if min_split is not None:
-        monkeypatch.setattr(attention_triton, "FAST_DECODE_MIN_SPLIT", min_split)
     gen, seed = fresh_gen()
     hq, hkv, d, page = 6, 2, 16, 4
     ctx = [9, 70, 0, 33]
@@ -158,7 +153,7 @@ def test_fast_decode_attention_combines_in_kernel(dtype, min_split, monkeypatch)
     kc = torch.randn(n_pages, page, hkv, d, generator=gen).to(dtype)
     vc = torch.randn(n_pages, page, hkv, d, generator=gen).to(dtype)
     free = torch.randperm(n_pages, generator=gen).tolist()
-    width = 20  # max_ctx 80
+    width = 20  # max_ctx 80: the split from the shapes is 16 keys, up to 5 splits per sequence
     tables = torch.tensor([[free.pop() for _ in range(-(-c // page))] + [0] * (width - -(-c // page)) for c in ctx],
                           dtype=torch.int32)
     q = torch.randn(len(ctx), hq, d, generator=gen).to(dtype)

@@ -147,10 +147,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
         m_i, l_i, acc = _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh,
                                     qk_scale, m_i, l_i, acc, BLOCK_N, PAGE, PRECISION, True)
 
-    if FUSED_COMBINE and kv_end <= SPLIT:
-        # the only split of this (sequence, KV head): the merge of one partial is acc / l, computed here
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    elif SPLIT_OUT:
+    if SPLIT_OUT:
         # workspace [n_splits, T, HQ, D] float32 and [n_splits, T, HQ, 2] (m, l)
         base = (split * T + row) * HQ + head
         tl.store(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
@@ -236,16 +233,11 @@ def _combine_kernel(ws_ptr, ml_ptr, o_ptr, cu_q_ptr, ctx_ptr, n_seqs, n_iter, T,
 UNSPLIT = 1 << 30
 
 
-# Fast-mode decode splits are at least this many keys: a context that fits one split is finished by
-# its one program (no partials to store, count and merge: two dependent memory round trips fewer).
-FAST_DECODE_MIN_SPLIT = 256
-
-
 def _fast_decode_split(n_seqs: int, n_kv: int, max_ctx: int, block_n: int) -> int:
     """Split size (tokens) giving at least ~2 programs per SM of an H100 at long contexts; a power
     of two (>= block_n, itself one), so only a handful of values ever need compiling."""
     want = max(1, -(-264 // max(1, n_seqs * n_kv)))
-    return max(block_n, FAST_DECODE_MIN_SPLIT, triton.next_power_of_2(-(-max_ctx // want)))
+    return max(block_n, triton.next_power_of_2(-(-max_ctx // want)))
 
 
 _COUNTERS: dict = {}
