@@ -55,7 +55,7 @@ def prompts_for(level: int, n: int) -> list[str]:
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
-    stamps, done = [], False
+    stamps, done, chunks = [], False, 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
@@ -66,6 +66,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
                 done = True
                 continue
             chunk = json.loads(line[6:])
+            chunks += 1
             k = len(chunk["choices"][0]["logprobs"]["tokens"])
             if k:
                 stamps.append((time.perf_counter(), k))
@@ -73,7 +74,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
         raise RuntimeError("stream ended without [DONE]")
     ntok = sum(k for _, k in stamps)
     itl = [(b - a) / k for (a, _), (b, k) in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": ntok, "latency": time.perf_counter() - t0}
+    return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": ntok, "chunks": chunks, "latency": time.perf_counter() - t0}
 
 
 async def run_clients(url: str, model: str, work: list[list[str]], max_tokens: int, go: float) -> dict:
