@@ -89,7 +89,7 @@ def engine_state(core) -> dict:
     """What the engine process holds: sequences, KV use, held arrivals, step counts."""
     e = core.engine
     return {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-            "kv_usage": e.block_manager.usage(), "held": len(core.held),
+            "kv_usage": e.block_manager.usage(), "held": len(core.held), "parsing": core.admission.parsing,
             "prompt_steps": core.admission.steps["prompt"][0]}
 
 

@@ -76,7 +76,7 @@ def wait_idle(srv, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = srv.engine.call(engine_state)
-        if state["running"] == state["waiting"] == state["held"] == srv.engine.in_flight == 0 \
+        if state["running"] == state["waiting"] == state["held"] == srv.engine.in_flight == state["parsing"] == 0 \
                 and state["kv_usage"] == 0.0:
             return
         time.sleep(0.05)
@@ -216,6 +216,47 @@ def test_bad_input_gets_openai_4xx(mini, path, case, body):
     assert r.status_code == 400, (case, r.status_code, r.text)
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and isinstance(err["message"], str) and err["message"]
+
+
+def test_parsing_count_returns_to_zero(mini):
+    """Every generation request the HTTP process counted as received (Admission waits while the
+    count is above 0) is uncounted, however it ends: refused, turned away by the API key, answered."""
+    for body in (b'{"model": "random:llama-mini", "prompt": ', {**GOOD, "model": "gpt-4"}, {**GOOD, "max_tokens": 0},
+                 {**GOOD, "prompt": "x" * 3000}, GOOD, {**GOOD, "stream": True}):
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        assert httpx.post(mini.url + "/v1/completions", headers=headers(), **kw).status_code in (200, 400, 404)
+    assert httpx.post(mini.url + "/v1/completions", json=GOOD).status_code == 401
+    assert httpx.post(mini.url + "/v1/chat/completions", headers=headers(),
+                      json={"model": MINI, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                      ).status_code == 200
+    wait_idle(mini)  # checks the engine's count is 0 (and until(): it was sent there)
+    assert mini.engine._parsing == 0
+
+
+def test_parsing_middleware_counts_from_the_body_to_the_submit():
+    from exactllm.server.app import _RECEIVED, ParsingCount
+    seen = []
+    client = type("C", (), {"n": 0, "parsing": lambda self, d: (setattr(self, "n", self.n + d), seen.append(self.n))})()
+
+    async def app(scope, receive, send):
+        assert client.n == 0                    # headers only: not counted yet
+        await receive()
+        assert client.n == (scope["path"] != "/health")
+        if scope["path"] == "/v1/completions":
+            scope[_RECEIVED].done()             # submitted: uncounted at once
+            assert client.n == 0
+        if scope["path"] == "/v1/chat/completions":
+            raise ValueError("turned away before the submit")
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    mw = ParsingCount(app, client)
+    asyncio.run(mw({"type": "http", "path": "/v1/completions"}, receive, None))
+    with pytest.raises(ValueError):
+        asyncio.run(mw({"type": "http", "path": "/v1/chat/completions"}, receive, None))
+    asyncio.run(mw({"type": "http", "path": "/health"}, receive, None))
+    assert seen == [1, 0, 1, 0] and client.n == 0
 
 
 def test_unknown_model_route_and_method(mini):
@@ -378,6 +419,19 @@ def test_admission_window():
     cpu.hold(0.0, first=True)
     assert cpu.due(0.0, busy=True) and not cpu.due(0.001, busy=False)  # idle: a burst is batched on CPU too
     assert auto.steps == {"prompt": [5, pytest.approx(7.017)], "decode": [3, pytest.approx(0.007)]}
+    # While the HTTP process still works on received requests, held ones wait for them, up to the cap.
+    short = Admission(graphs=True, max_window=0.02)
+    short.observe(False, 0.002)
+    short.observe(True, 0.005)  # window 3 ms
+    for busy, due_without in ((False, 2.0021), (True, 2.003)):
+        short.hold(2.0, first=True)
+        short.parsing = 2
+        assert not short.due(2.019, busy) and short.due(2.02, busy)  # max_window 20 ms from the first
+        short.parsing = 0
+        assert short.due(due_without, busy) and not short.due(due_without - 0.0005, busy)
+    zero.parsing = cpu.parsing = 1
+    assert zero.due(0.0, busy=False) and zero.due(0.0, busy=True)  # window 0: no waiting at all
+    assert not cpu.due(0.049, busy=True) and cpu.due(0.05, busy=True)  # automatic: max_window on CPU too
 
 
 def test_held_requests_wait_for_a_batch_about_to_drain():

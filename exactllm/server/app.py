@@ -31,6 +31,53 @@ log = logging.getLogger("exactllm.server")
 
 RETRY_AFTER_S = 1
 _DISCONNECTED = object()  # put in an HTTP call's queue when its client goes away
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+_RECEIVED = "exactllm.received"  # scope key: the _Received of a generation request
+
+
+class _Received:
+    """A generation request counted in EngineClient.parsing from its body's arrival until it is
+    submitted to the engine (or answered without reaching it)."""
+    __slots__ = ("client", "state")
+
+    def __init__(self, client: EngineClient):
+        self.client, self.state = client, 0  # 0: body incomplete, 1: counted, 2: done
+
+    def arrived(self) -> None:
+        if self.state == 0:
+            self.state = 1
+            self.client.parsing(1)
+
+    def done(self) -> None:
+        if self.state == 1:
+            self.client.parsing(-1)
+        self.state = 2
+
+
+class ParsingCount:
+    """Plain ASGI middleware: tells the engine how many generation requests this process has
+    received and not yet submitted, so that a burst of arrivals it is still working through is
+    admitted as one cohort (engine_core.Admission)."""
+
+    def __init__(self, app, client: EngineClient):
+        self.app, self.client = app, client
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in GENERATE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        received = scope[_RECEIVED] = _Received(self.client)
+
+        async def receive_counted():
+            msg = await receive()
+            if msg["type"] == "http.request" and not msg.get("more_body", False):
+                received.arrived()
+            return msg
+
+        try:
+            await self.app(scope, receive_counted, send)
+        finally:
+            received.done()
 
 
 class APIKeyMiddleware:
@@ -81,6 +128,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
 
     app = FastAPI(title="exactllm", lifespan=lifespan)
     app.state.engine, app.state.metrics = client, metrics
+    app.add_middleware(ParsingCount, client=client)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -158,12 +206,14 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
             raise APIError(400, str(exc), param="prompt") from None
         return ids
 
-    async def start(gens: list[GenRequest], queue: asyncio.Queue, endpoint: str) -> list[Event]:
+    async def start(gens: list[GenRequest], queue: asyncio.Queue, endpoint: str, scope: dict) -> list[Event]:
         """Submit every sequence and wait until the engine accepted all of them (an error the
         engine raises when adding one, e.g. a KV cache too small, is the HTTP call's error).
         Returns events that arrived meanwhile."""
         for g in gens:
             client.submit(g)
+        if _RECEIVED in scope:
+            scope[_RECEIVED].done()
         pending, accepted = [], 0
         try:
             while accepted < len(gens):
@@ -182,7 +232,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
             raise
         return pending
 
-    async def generate(body, prompts: list, endpoint: str, want_logprobs: bool,
+    async def generate(raw: Request, body, prompts: list, endpoint: str, want_logprobs: bool,
                        max_tokens_default: int | None):
         """Returns (sequences, their event queue, early events, prompt tokens): n choices of one
         prompt count its tokens once, as OpenAI bills them."""
@@ -198,7 +248,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
                     params.seed += j  # n choices with one seed must still differ
                 gens.append(GenRequest(i * n + j, prompt, ids, params, body.stream, queue))
         admit(len(gens), endpoint)
-        pending = await start(gens, queue, endpoint)
+        pending = await start(gens, queue, endpoint, raw.scope)
         return gens, queue, pending, prompt_tokens
 
     async def collect(raw: Request, gens, queue, pending, endpoint: str) -> list[RequestOutput] | None:
@@ -297,7 +347,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
             raise APIError(400, "echo is not supported", param="echo")
         prompts = body.prompts()
         _check_text(prompts, "prompt")
-        gens, queue, pending, prompt_tokens = await generate(body, prompts, endpoint, body.logprobs is not None,
+        gens, queue, pending, prompt_tokens = await generate(raw, body, prompts, endpoint, body.logprobs is not None,
                                                              max_tokens_default=16)
         rid, t0 = new_id("cmpl"), now()
 
@@ -349,7 +399,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         want_lp = body.logprobs
-        gens, queue, pending, prompt_tokens = await generate(body, [prompt], endpoint, want_lp,
+        gens, queue, pending, prompt_tokens = await generate(raw, body, [prompt], endpoint, want_lp,
                                                              max_tokens_default=None)
         rid, t0 = new_id("chatcmpl"), now()
         top = bool(body.top_logprobs)

@@ -3,8 +3,11 @@
     client = EngineClient(EngineSpec(model=...), max_queue=256)  # spawns it, waits until ready
     app = create_app(client, name)                                # its lifespan attaches and closes it
 
-HTTP handlers post commands (add, abort) that a sender thread writes to the pipe in batches;
-the event loop reads the engine's messages (one per engine step) as the pipe becomes readable
+HTTP handlers post commands (add, abort); the event loop gathers those of one loop iteration
+into one message, which a sender thread writes to the pipe (so a full pipe never blocks the
+loop, and a burst of arrivals wakes that thread once rather than per request). With them goes
+the number of requests the HTTP side has received and not yet submitted (``parsing``), which
+Admission (engine_core.py) waits for. The event loop reads the engine's messages (one per engine step) as the pipe becomes readable
 and turns them into Events on the asyncio.Queue of each HTTP call. Streaming text is decoded
 here, not in the engine process, so that its step loop does no work a client could wait on.
 
@@ -123,7 +126,9 @@ class EngineClient:
         self._reqs: dict[int, GenRequest] = {}
         self._rids = itertools.count()
         self._calls: dict[int, concurrent.futures.Future] = {}
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # lists of commands
+        self._batch: list[tuple] = []   # commands of this loop iteration (event-loop thread)
+        self._parsing = self._parsing_sent = 0
         self._sender = threading.Thread(target=self._send_loop, name="exactllm-engine-send", daemon=True)
         self._sender.start()
 
@@ -149,6 +154,7 @@ class EngineClient:
     def detach(self) -> None:
         """Stop reading on the event loop (from its thread)."""
         if self._loop is not None:
+            self._flush()
             self._loop.remove_reader(self._conn.fileno())
             self._loop = None
 
@@ -156,7 +162,7 @@ class EngineClient:
         """Stop the engine process (aborting what runs) and wait for it; idempotent. Call
         detach() first if attached."""
         if hasattr(self, "_outbox"):
-            self._outbox.put(("stop",))
+            self._outbox.put([("stop",)])
             self._sender.join(timeout)
         self.proc.join(timeout)
         self._finalizer()
@@ -191,13 +197,39 @@ class EngineClient:
         self._reqs[req.rid] = req
         if req.stream:
             req.detok = self.tokenizer.stream()
-        self._outbox.put(("add", req.rid, req.prompt_ids, req.params))
+        self._post(("add", req.rid, req.prompt_ids, req.params))
 
     def abort(self, req: GenRequest) -> None:
         """Cancel a sequence (client went away, or a sibling choice failed); idempotent."""
         if not req.done:
             self._release(req)
-            self._outbox.put(("abort", req.rid))
+            self._post(("abort", req.rid))
+
+    def parsing(self, delta: int) -> None:
+        """A request was received (+1) / submitted or turned away (-1): Admission holds arrivals
+        while the count it was last sent is above 0 (see engine_core.Admission)."""
+        self._parsing += delta
+        self._post(None)
+
+    def _post(self, cmd: tuple | None) -> None:
+        """Queue cmd (None: only the parsing count) for the end of this loop iteration."""
+        if self._loop is None:
+            if cmd is not None:
+                self._outbox.put([cmd])
+            return
+        if not self._batch:
+            self._loop.call_soon(self._flush)
+        self._batch.append(cmd)
+
+    def _flush(self) -> None:
+        """Send this loop iteration's commands, and the parsing count where it changed, as one message."""
+        cmds = [c for c in self._batch if c is not None]
+        self._batch = []
+        if self._parsing != self._parsing_sent:
+            self._parsing_sent = self._parsing
+            cmds.append(("parsing", self._parsing))
+        if cmds:
+            self._outbox.put(cmds)
 
     def _release(self, req: GenRequest) -> None:
         req.done = True
@@ -211,7 +243,7 @@ class EngineClient:
         fut = concurrent.futures.Future()
         call_id = id(fut)
         self._calls[call_id] = fut
-        self._outbox.put(("call", call_id, fn, args))
+        self._outbox.put([("call", call_id, fn, args)])
         ok, value = fut.result(timeout)
         if not ok:
             raise RuntimeError(f"engine call failed: {value}")
@@ -222,10 +254,10 @@ class EngineClient:
         """Write queued commands, all that are waiting in one message, so that the event loop
         never blocks on a full pipe (the engine reads between steps)."""
         while True:
-            batch = [self._outbox.get()]
+            batch = list(self._outbox.get())
             while True:
                 try:
-                    batch.append(self._outbox.get_nowait())
+                    batch += self._outbox.get_nowait()
                 except queue.Empty:
                     break
             try:

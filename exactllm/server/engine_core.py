@@ -6,7 +6,8 @@ than offline (bench/server_load.py on an H100, 2026-11-23). This process owns th
 the HTTP process talks to it over one duplex pipe (engine_client.py):
 
   in:  a list of commands per message: ("add", rid, prompt ids, SamplingParams),
-       ("abort", rid), ("call", call id, fn, args) (fn(core, *args), for tests), ("stop",)
+       ("abort", rid), ("parsing", n) (requests the HTTP process is still turning into adds),
+       ("call", call id, fn, args) (fn(core, *args), for tests), ("stop",)
   out: ("ready", info) or ("failed", message) once; then per loop iteration that did
        anything one ("out", events, stats) message, events being ("a", rid) accepted,
        ("e", rid, HTTP status, message), ("t", rid, new token ids, new log-probs or None,
@@ -68,7 +69,10 @@ class Admission:
     time, and a burst split over two prompt steps keeps two cohorts decoding out of step from
     then on (each round then costs the steps of both).
     For the same reason, while every running sequence will end (by its token limit) within the
-    window, held requests wait for the batch to drain rather than start a cohort of their own.
+    window, held requests wait for the batch to drain rather than start a cohort of their own;
+    and while the HTTP process reports requests it has received but not yet submitted
+    (``parsing``: a burst it is still working through), held requests wait for them, up to
+    max_window from the first held (a fixed window: up to that window).
 
     window None (auto): the measured extra cost of a step that computes prompts over a decode
     step (medians of recent steps), at most max_window; 0 when the runner has no CUDA graphs
@@ -85,6 +89,7 @@ class Admission:
         self.fixed, self.graphs, self.max_window = window, graphs, max_window
         self.first_held = 0.0  # monotonic time the oldest held request arrived
         self.last_held = 0.0   # and the newest
+        self.parsing = 0       # requests the HTTP process has received and not yet submitted
         self._times: dict[bool, deque] = {True: deque(maxlen=self.RECENT), False: deque(maxlen=self.RECENT)}
         self.steps = {"prompt": [0, 0.0], "decode": [0, 0.0]}  # kind -> [steps, seconds] (for /metrics)
 
@@ -112,9 +117,11 @@ class Admission:
     def wait(self, now: float, busy: bool) -> float:
         """Seconds until the held requests are due (0: now), by the window alone."""
         window = self.window
+        cap = self.max_window if self.fixed is None else window
+        if self.parsing:  # more of this burst is on its way: wait for it (at most cap)
+            return max(0.0, self.first_held + cap - now)
         if busy:
             return max(0.0, self.first_held + window - now)
-        cap = self.max_window if self.fixed is None else window
         return max(0.0, min(self.first_held + cap, self.last_held + min(cap, self.QUIET)) - now)
 
     def due(self, now: float, busy: bool) -> bool:
@@ -189,6 +196,8 @@ class EngineCore:
                     self.held.append(cmd[1:])
                 elif kind == "abort":
                     changed |= self._abort(cmd[1])
+                elif kind == "parsing":
+                    self.admission.parsing = cmd[1]
                 elif kind == "call":
                     self._call(*cmd[1:])
                 else:  # "stop"
