@@ -40,6 +40,8 @@ import torch.nn.functional as F
 
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import matmul_triton as mt
+from exactllm.kernels import qgemv_triton
+from exactllm.layers.ops import QGEMV_MAX_M
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}
@@ -122,7 +124,7 @@ def compile_jobs(sections):
                     cs |= set(timed_configs(wtype, m))
             jobs += [("gemm", wtype, n, k, c) for c in sorted(cs)]
             if wtype != "bf16":
-                jobs += [("gemv", wtype, n, k, c) for c in mt.GEMV_CONFIGS]
+                jobs += [("gemv", wtype, n, k, c) for c in GEMV_CONFIGS]
             if "final" in sections and name in SHAPES:
                 tables = ["bf16"] if wtype == "bf16" else ["wgmma", "fast"]
                 jobs += [("gemm", wtype, n, k, c + (True,)) for t in tables for _, cs in mt.TILE_TABLES[t] for c in cs]
@@ -143,7 +145,7 @@ def _compile_worker(args):
             if kind == "gemm":
                 gemm(torch.randn(3, k, device=DEV, dtype=torch.bfloat16), w, c)
             else:
-                mt.gemv(torch.randn(1, k, device=DEV, dtype=torch.bfloat16), w, c)
+                qgemv_triton.gemv(torch.randn(1, k, device=DEV, dtype=torch.bfloat16), w, c)
         except Exception as e:  # reported; the main process records the failure again
             print(f"compile failed {kind} {wtype} {n}x{k} {c}: {type(e).__name__} {str(e)[:200]}", flush=True)
     torch.cuda.synchronize()
@@ -211,7 +213,7 @@ def time_section(bw, only):
                     rec["cublas_us"] = bench_us(lambda w: F.linear(x, w), ws)
                 else:
                     if m <= 8:
-                        rec["gemv_us"] = {str(c): bench_us(lambda w, c=c: mt.gemv(x, w, c), ws) for c in mt.GEMV_CONFIGS}
+                        rec["gemv_us"] = {str(c): bench_us(lambda w, c=c: qgemv_triton.gemv(x, w, c), ws) for c in GEMV_CONFIGS}
                     rec["dequant_cublas_us"] = bench_us(lambda w: fast_dequant(x, w), ws)
                 rec["gemm_us"] = {}
                 for c in timed_configs(wtype, m):
@@ -228,6 +230,7 @@ def time_section(bw, only):
 
 # ------------------------------------------------------------------------- small M, quantized
 
+GEMV_CONFIGS = [(2, 64, 2), (4, 64, 2), (4, 32, 1), (2, 64, 4)]  # qgemv_triton (BLOCK_N, NB, num_warps)
 FAST_SMALL = [(16, 16, 256, 2, 4, True), (16, 32, 256, 4, 3, True), (16, 32, 128, 2, 4, True), (16, 128, 128, 4, 3, True)]
 INV_SMALL = [(64, 16, 128, 4, 4, True), (64, 16, 256, 4, 3, True), (64, 32, 256, 4, 4, True), (64, 32, 128, 4, 4, True),
              (64, 64, 128, 4, 4, True), (64, 64, 64, 4, 3, True)]
@@ -247,7 +250,7 @@ def small_section(bw, only):
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                 rec = {"wtype": wtype, "shape": name, "N": n, "K": k, "M": m, "floor_us": nbytes(ws[0]) / bw * 1e6}
                 if m <= 8:
-                    rec["gemv_us"] = {str(c): bench_us(lambda w, c=c: mt.gemv(x, w, c), ws) for c in mt.GEMV_CONFIGS}
+                    rec["gemv_us"] = {str(c): bench_us(lambda w, c=c: qgemv_triton.gemv(x, w, c), ws) for c in GEMV_CONFIGS}
                     cs = FAST_SMALL + INV_SMALL
                 else:
                     rec["dequant_cublas_us"] = bench_us(lambda w: fast_dequant(x, w), ws)
@@ -299,8 +302,8 @@ def classes_section():
                 for c in ((16, 16, 256, 2, 4), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3)):
                     rows[f"dequant+{c}"] = {"diff_m512": diff(mt.gemm(x, wd, c), ref),
                                             "diff_m1": diff(mt.gemm(x[:1], wd, c), ref[:1])}
-                g1 = mt.gemv(x[:1], w)
-                g8 = mt.gemv(x[:8], w)
+                g1 = qgemv_triton.gemv(x[:1], w)
+                g8 = qgemv_triton.gemv(x[:8], w)
                 rows["gemv"] = {"err": rel(g8, ref64[:8]), "diff_m1": diff(g1, ref[:1]), "diff_m8": diff(g8, ref[:8])}
             rec = {"wtype": wtype, "shape": name, "N": n, "K": k, "configs": rows}
             out.append(rec)
@@ -338,8 +341,7 @@ def final_section(bw, only):
                 print(json.dumps(rec), flush=True)
             del ws
             torch.cuda.empty_cache()
-    out.append({"tuned_tiles": {str(k): v for k, v in mt._tiles_best.items()},
-                "tuned_gemv": {str(k): v for k, v in mt._gemv_best.items()}})
+    out.append({"tuned_tiles": {str(k): v for k, v in mt._tiles_best.items()}})
     return out
 
 
@@ -415,7 +417,7 @@ def derive(sweep_path: str, final_path: str) -> list:
                 inv, inv_c = best("bf16" if wtype == "bf16" else "wgmma", wtype, name, m, n)
                 if wtype == "bf16":
                     fast, path = cublas[(name, m)], "cublas"
-                elif m <= mt.GEMV_MAX_M:
+                elif m <= QGEMV_MAX_M:
                     fast, path = min(small[(wtype, name, m)]["gemv_us"].values()), "gemv"
                 elif m <= mt.FUSED_MAX_M or (m <= mt.FUSED_MAX_M_WIDE and n >= mt.WIDE_N):
                     fast, path = best("fast", wtype, name, m, n)[0], "fused"

@@ -16,7 +16,7 @@ import torch
 
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import activation, attention, matmul, rmsnorm, rope
-from exactllm.kernels import activation_triton, attention_triton, matmul_triton, rmsnorm_triton, rope_triton
+from exactllm.kernels import activation_triton, attention_triton, matmul_triton, qgemv_triton, rmsnorm_triton, rope_triton
 from kernel_testing import BOUND, DTYPES, fresh_gen, poison, rel
 
 
@@ -34,8 +34,9 @@ def check(out, ref_out, ref64, dtype, seed):
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
 def test_linear_kernels(qtype, dtype, monkeypatch):
     """Every path of matmul_triton.linear against float64: GEMM tile configs (both K orders for
-    4-bit weights), GEMV configs, and linear() in fast mode through the GEMV (M = 1), the fused
-    GEMM (M = 5) and dequantize + matmul (M above FUSED_MAX_M); invariant mode's tiles."""
+    4-bit weights), and linear() in fast mode through the fused GEMM (M = 1 and 5) and dequantize +
+    matmul (M above FUSED_MAX_M); invariant mode's tiles. (The few-row quantized GEMV that layers/ops.py
+    routes to first: tests/test_qgemv.py.)"""
     gen, seed = fresh_gen()
     M, N, K = 5, 40, 160  # K = 5 blocks: exercises the masked tail of every K tile below
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -50,8 +51,7 @@ def test_linear_kernels(qtype, dtype, monkeypatch):
     runs += [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o) for c in table[0][1][1:]]
     if qtype:
         runs += [lambda o, c=c: matmul_triton.gemm(x, W, c, out=o, natural=False) for c in configs[:2]]
-        runs += [lambda o, c=c: matmul_triton.gemv(x, W, c, out=o) for c in [(8, 8, 4, 2), (16, 4, 1, 1), (4, 2, 1, 1)]]
-        runs += [lambda o: torch.cat([matmul_triton.linear(x[i:i + 1], W) for i in range(M)])]  # M = 1: GEMV
+        runs += [lambda o: torch.cat([matmul_triton.linear(x[i:i + 1], W) for i in range(M)])]  # M = 1
         runs += [lambda o: matmul_triton.linear(x, W, out=o)]  # fused GEMM
         monkeypatch.setattr(matmul_triton, "FUSED_MAX_M", 2)
         runs += [lambda o: matmul_triton.linear(x, W, out=o)]  # dequantize + matmul
@@ -97,8 +97,8 @@ def test_linear_invariant_mode_is_batch_invariant(qtype):
     interpreter's bf16 dots are wrong), dense ones through the fixed float32 GEMM config; the GPU
     checks of tiles that change with M are bench/linear_kernels.py (sections classes and final) and
     bench/tbik_matmul.py --quant.
-    The check can fail: fast mode (GEMV at M = 1, tensor cores at M = 17) gives other bits for some
-    rows, and for the dense GEMM another BLOCK_K does."""
+    The check can fail: fast mode (the quantized GEMV at M = 1, which layers/ops.py routes there, and
+    tensor cores at M = 17) gives other bits for some rows, and for the dense GEMM another BLOCK_K does."""
     gen, seed = fresh_gen()
     K, N = 256, 48
     dtype = torch.float32 if qtype is None else torch.float16
@@ -111,7 +111,7 @@ def test_linear_invariant_mode_is_batch_invariant(qtype):
         assert all(torch.equal(alone, full[m][r]) for m in (17, 64)), f"seed {seed}"
     if qtype:
         fast = matmul_triton.linear(x[:17], W)
-        assert any(not torch.equal(matmul_triton.linear(x[r:r + 1], W)[0], fast[r]) for r in range(17))
+        assert any(not torch.equal(qgemv_triton.gemv(x[r:r + 1], W)[0], fast[r]) for r in range(17))
     else:   # the float32 accumulator's bits (an output buffer in float32) show the order changes
         cfg = matmul_triton.invariant_config(17, N, K, dtype)
         assert cfg == matmul_triton.INVARIANT_CONFIG

@@ -1,5 +1,6 @@
-"""Few-row linears on dense 16-bit weights, alone or with the op before them fused in: the torch
-references of kernels/gemv_triton.py (same signatures).
+"""Few-row linears, alone or with the op before them fused in: the torch references of
+kernels/gemv_triton.py (dense 16-bit weights) and kernels/qgemv_triton.py (a QuantWeight, which
+is dequantized to float32 first), same signatures.
 
 - gemv_ref: y = x @ w.T.
 - norm_gemv_ref: RMSNorm (with the residual add when ``residual`` is given) then the linear;
@@ -13,22 +14,24 @@ from __future__ import annotations
 
 import torch
 
+from exactllm.formats.quant import QuantWeight
 from exactllm.kernels.activation import silu_mul_ref
 from exactllm.kernels.rmsnorm import rmsnorm_ref
 
 
-def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T in float32, rounded once to x's dtype."""
-    return (x.float() @ w.float().T).to(x.dtype)
+def gemv_ref(x: torch.Tensor, w) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T in float32, rounded once to x's dtype (w dense or a QuantWeight)."""
+    wf = w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()
+    return (x.float() @ wf.T).to(x.dtype)
 
 
 def norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                  w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  w) -> tuple[torch.Tensor, torch.Tensor]:
     if residual is None:
         return gemv_ref(rmsnorm_ref(x, norm_weight, eps), w), x
     h, residual = rmsnorm_ref(x, norm_weight, eps, residual)
     return gemv_ref(h, w), residual
 
 
-def silu_gemv_ref(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def silu_gemv_ref(gate: torch.Tensor, up: torch.Tensor, w) -> torch.Tensor:
     return gemv_ref(silu_mul_ref(gate, up), w)

@@ -4,9 +4,6 @@ Same signature as ``matmul.linear_ref``; the weight planes of ``QuantWeight`` (q
 are read directly and dequantized in registers, products accumulated in float32.
 
 Kernels:
-- GEMV (fast mode, M <= GEMV_MAX_M, quantized): one row per program; a thread holds one block row
-  of quants (128-bit loads), unpacks them with the 2^23 mantissa trick (no int->float
-  instructions), sums them against x in registers and scales each block's sum once by its d.
 - GEMM (tensor cores): the weight tile is dequantized to x's dtype in registers and fed to one
   ``tl.dot`` per K tile, in K order (a 4-bit block's low nibbles are weights 0..15, the high ones
   16..31; they are joined back into that order). ``natural=False`` instead takes two dots per tile
@@ -24,8 +21,9 @@ for BF16 weights (wgmma and mma.sync alike), so with BF16 activations on Hopper 
 picks its tiles by M among BF16_TILES, timing the candidates once per shape and M bucket; other
 activation dtypes and GPUs keep one fixed INVARIANT_CONFIG. (For weights dequantized in registers
 only the wgmma tiles formed one class: WGMMA_TILES.)
-Fast mode: cuBLAS for dense weights; for quantized ones the GEMV, then the fused GEMM with any
-tiles (mma.sync included), then dequantize + cuBLAS, by M (see linear()).
+Fast mode: cuBLAS for dense weights; for quantized ones the fused GEMM with any tiles (mma.sync
+included), then dequantize + cuBLAS, by M (see linear()); layers/ops.py sends the fewest rows to the
+quantized GEMV of kernels/qgemv_triton.py before they reach linear().
 """
 from __future__ import annotations
 
@@ -37,7 +35,6 @@ import triton.language as tl
 from exactllm.formats.quant import QuantWeight
 
 QCODES = {None: 0, "q4_0": 1, "q4_1": 2, "q8_0": 3}
-GEMV_MAX_M = 2
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the invariant mode at every M, where no
 # class of bit-identical configs has been shown (see _invariant_table).
 INVARIANT_CONFIG = (64, 64, 64, 4, 3)
@@ -126,43 +123,6 @@ def _int8_f32(v):
     return (((v & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """y[m, n] for one row m and BLOCK_N outputs, BLOCK_B 32-blocks of K per step. A thread holds one
-    block row of quants (16 bytes for 4-bit, 32 for Q8_0: 128-bit loads) and sums it against x in
-    registers; x is loaded once per step for all BLOCK_N rows as two 16-element halves (the weights
-    of the low and of the high nibbles); each block's partial sum is scaled once by its d."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_xm
-    mask_n = offs_n < N
-    w_rows = w_ptr + offs_n[:, None, None] * stride_wn
-    n_blk = K // 32
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-    for b0 in range(0, n_blk, BLOCK_B):
-        blk = b0 + tl.arange(0, BLOCK_B)
-        bmask = blk < n_blk
-        m2 = mask_n[:, None] & bmask[None, :]
-        d = tl.load(sc_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-        if QTYPE == 3:
-            col = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-            q = _int8_f32(tl.load(w_rows + col[None], mask=m2[:, :, None], other=0).to(tl.int32))
-            xv = tl.load(x_row + col, mask=bmask[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(q * xv[None], axis=2)
-        else:
-            j = tl.arange(0, 16)[None, :]
-            q = tl.load(w_rows + (blk[:, None] * 16 + j)[None], mask=m2[:, :, None], other=0).to(tl.int32)
-            x_lo = tl.load(x_row + blk[:, None] * 32 + j, mask=bmask[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(x_row + blk[:, None] * 32 + 16 + j, mask=bmask[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(_nibble_f32(q & 15, QTYPE) * x_lo[None] + _nibble_f32(q >> 4, QTYPE) * x_hi[None], axis=2)
-        acc += part * d
-        if QTYPE == 2:  # Q4_1: x' = q d + min, so each block adds min * sum(x) too
-            mn = tl.load(mn_ptr + offs_n[:, None] * stride_sn + blk[None, :], mask=m2, other=0.0).to(tl.float32)
-            acc += tl.sum(x_lo + x_hi, axis=1)[None, :] * mn
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + tl.program_id(1).to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
 @triton.jit
 def _dequant_kernel(w_ptr, sc_ptr, mn_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
                     QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -223,21 +183,6 @@ def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None, nat
     return y
 
 
-def gemv(x: torch.Tensor, w: QuantWeight, config: tuple = (8, 8, 4, 3), out: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA-core kernel for few rows, one row per program: config (BLOCK_N, BLOCK_B 32-blocks per
-    step, num_warps, num_stages). Rows after the first re-read the weights, mostly from L2."""
-    bn, bb, warps, stages = config
-    M, K = x.shape
-    N = w.shape[0]
-    mn = w.min if w.min is not None else w.scale
-    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M:
-        _gemv_kernel[(triton.cdiv(N, bn), M)](
-            x, w.qs, w.scale, mn, y, M, N, K, x.stride(0), w.qs.stride(0), w.scale.stride(0), y.stride(0),
-            QTYPE=QCODES[w.qtype], BLOCK_N=bn, BLOCK_B=bb, num_warps=warps, num_stages=stages)
-    return y
-
-
 def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     """Dense [N, K] copy of a quantized weight in one pass (for cuBLAS at large M)."""
     N, K = w.shape
@@ -248,23 +193,6 @@ def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
         w.qs, w.scale, mn, out, N, K, w.qs.stride(0), w.scale.stride(0), out.stride(0),
         QTYPE=QCODES[w.qtype], BLOCK_N=bn, BLOCK_B=bb, num_warps=4)
     return out
-
-
-# GEMV tiles per (N, K, qtype), tuned once per shape on first use (fast mode only).
-GEMV_CONFIGS = [(4, 8, 2, 3), (8, 4, 4, 3), (8, 8, 4, 3), (8, 16, 4, 3), (16, 8, 4, 3), (16, 16, 8, 3), (32, 8, 8, 3)]
-_gemv_best: dict = {}
-
-
-def _tuned_gemv_config(x: torch.Tensor, w: QuantWeight) -> tuple:
-    key = (w.shape, w.qtype, x.dtype)
-    if key in _gemv_best:
-        return _gemv_best[key]
-    if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return GEMV_CONFIGS[3]
-    from triton.testing import do_bench
-    times = [(do_bench(lambda c=c: gemv(x, w, c), warmup=5, rep=20, return_mode="median"), c) for c in GEMV_CONFIGS]
-    _gemv_best[key] = min(times)[1]
-    return _gemv_best[key]
 
 
 # Tensor-core tiles by M bucket: (largest M of the bucket, candidate configs; the first is the
@@ -285,8 +213,7 @@ BF16_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (16, 128, 128, 4, 
                      (64, 64, 256, 4, 3)]),
               (512, [(64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 4)]),
               (None, [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)])]
-# fast mode, quantized weights: GEMV up to GEMV_MAX_M rows; the fused dequantizing GEMM (mma.sync
-# tiles, then wgmma) up to 16 rows, and up to 64 for wide matrices (N >= WIDE_N); one dequantize
+# fast mode, quantized weights: the fused dequantizing GEMM (mma.sync tiles, then wgmma) up to 16 rows, and up to 64 for wide matrices (N >= WIDE_N); one dequantize
 # pass + cuBLAS above (H100: it wins from there on, bench/results/linear_final.json, section small).
 FAST_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (64, 16, 256, 4, 3), (64, 64, 64, 4, 3)])] + WGMMA_TILES
 FUSED_MAX_M, FUSED_MAX_M_WIDE, WIDE_N = 16, 64, 8192
@@ -352,8 +279,6 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
-    if M <= GEMV_MAX_M:
-        return gemv(x, w, _tuned_gemv_config(x, w), out)
     if M <= FUSED_MAX_M or (M <= FUSED_MAX_M_WIDE and N >= WIDE_N):
         return gemm(x, w, _tuned_tiles(x, w, "fast"), out)
     y = F.linear(x, dequantize(w, x.dtype))

@@ -33,6 +33,14 @@ from exactllm.numerics import Numerics
 # since the SwiGLU kernel + GEMV was faster (decode graph step 1165 vs 1203 us, profile_decode_gemv*.json).
 GEMV_MAX_M = 1
 GEMV_SWIGLU = False
+# Fast mode on CUDA, quantized weights (QuantWeight): the few-row GEMV of qgemv_triton.py for at most
+# QGEMV_MAX_M rows (at M = 2 it beat the old GEMV and the fused GEMM on every TinyLlama linear on the
+# H100). Its RMSNorm (QGEMV_NORM) and SwiGLU (QGEMV_SWIGLU) prologues are off: the RMSNorm kernel +
+# GEMV and the SwiGLU kernel + GEMV were faster (a program of 2-4 weight rows recomputes the norm or
+# SwiGLU over all of K; bench/gemv_quant.py, section fused, gemv_quant_s2.json).
+QGEMV_MAX_M = 2
+QGEMV_NORM = False
+QGEMV_SWIGLU = False
 # RoPE and the KV-cache write in the epilogue of the qkv GEMV (no RoPE kernel in the decode step).
 GEMV_ROPE = True
 
@@ -55,11 +63,19 @@ class Ops:
         return (self._cuda and not self.numerics.invariant and isinstance(w, torch.Tensor)
                 and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and x.shape[0] <= GEMV_MAX_M)
 
+    def _qgemv(self, x: torch.Tensor, w) -> bool:
+        """Whether x @ w.T may run the quantized few-row GEMV (fast mode, CUDA, a QuantWeight)."""
+        return (self._cuda and not self.numerics.invariant and isinstance(w, QuantWeight)
+                and x.shape[0] <= QGEMV_MAX_M)
+
     def linear(self, x: torch.Tensor, w) -> torch.Tensor:
         """Column-parallel or unsharded linear: x [M, K] @ w[N, K].T."""
         if self._gemv(x, w):
             from exactllm.kernels import gemv_triton
             return gemv_triton.gemv(x, w)
+        if self._qgemv(x, w):
+            from exactllm.kernels import qgemv_triton
+            return qgemv_triton.gemv(x, w)
         if self._exact_cpu:
             if not self.numerics.tree and isinstance(w, QuantWeight) and cpu_qmatmul.available():
                 # The C kernel's arithmetic per output element is fixed by K alone (no split of K,
@@ -96,6 +112,9 @@ class Ops:
         if self._gemv(x, w):
             from exactllm.kernels import gemv_triton
             return gemv_triton.norm_gemv(x, residual, norm_weight, eps, w)
+        if QGEMV_NORM and self._qgemv(x, w):
+            from exactllm.kernels import qgemv_triton
+            return qgemv_triton.norm_gemv(x, residual, norm_weight, eps, w)
         if residual is None:
             return self.linear(self.rmsnorm(x, norm_weight, eps), w), x
         h, residual = self.rmsnorm(x, norm_weight, eps, residual)
@@ -124,10 +143,14 @@ class Ops:
         """Row-parallel down projection of silu(gate) * up, gate and up the two halves of gate_up;
         one kernel where our GEMV runs (the halves are read as strided views, never copied)."""
         gate, up = gate_up.chunk(2, dim=-1)
-        if not (GEMV_SWIGLU and self._gemv(gate, w)):
+        if QGEMV_SWIGLU and self._qgemv(gate, w):
+            from exactllm.kernels import qgemv_triton
+            y = qgemv_triton.silu_gemv(gate, up, w)
+        elif GEMV_SWIGLU and self._gemv(gate, w):
+            from exactllm.kernels import gemv_triton
+            y = gemv_triton.silu_gemv(gate, up, w)
+        else:
             return self.row_parallel_linear(self.silu_mul(gate, up), w, tp)
-        from exactllm.kernels import gemv_triton
-        y = gemv_triton.silu_gemv(gate, up, w)
         return y if tp.world == 1 else tp.all_reduce(y.float()).to(y.dtype)
 
     def rmsnorm(self, x, weight, eps, residual=None):
