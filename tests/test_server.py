@@ -233,30 +233,35 @@ def test_parsing_count_returns_to_zero(mini):
     assert mini.engine._parsing == 0
 
 
-def test_parsing_middleware_counts_from_the_body_to_the_submit():
+def test_parsing_middleware_counts_until_the_submit():
+    """Generation requests are counted from their arrival (all those of one loop iteration before
+    any is parsed) until their submit, or until they are answered without one."""
     from exactllm.server.app import _RECEIVED, ParsingCount
-    seen = []
+    seen, entered = [], []
     client = type("C", (), {"n": 0, "parsing": lambda self, d: (setattr(self, "n", self.n + d), seen.append(self.n))})()
 
     async def app(scope, receive, send):
-        assert client.n == 0                    # headers only: not counted yet
-        await receive()
-        assert client.n == (scope["path"] != "/health")
+        entered.append(client.n)
+        if scope["path"] == "/health":
+            return
         if scope["path"] == "/v1/completions":
             scope[_RECEIVED].done()             # submitted: uncounted at once
-            assert client.n == 0
-        if scope["path"] == "/v1/chat/completions":
+            assert client.n == 1
+            await asyncio.sleep(0)
+        else:
             raise ValueError("turned away before the submit")
 
-    async def receive():
-        return {"type": "http.request", "body": b"{}", "more_body": False}
+    async def main():
+        mw = ParsingCount(app, client)
+        done = await asyncio.gather(mw({"type": "http", "path": "/v1/completions"}, None, None),
+                                    mw({"type": "http", "path": "/v1/chat/completions"}, None, None),
+                                    return_exceptions=True)
+        assert done[0] is None and isinstance(done[1], ValueError)
+        await mw({"type": "http", "path": "/health"}, None, None)
 
-    mw = ParsingCount(app, client)
-    asyncio.run(mw({"type": "http", "path": "/v1/completions"}, receive, None))
-    with pytest.raises(ValueError):
-        asyncio.run(mw({"type": "http", "path": "/v1/chat/completions"}, receive, None))
-    asyncio.run(mw({"type": "http", "path": "/health"}, receive, None))
-    assert seen == [1, 0, 1, 0] and client.n == 0
+    asyncio.run(main())
+    assert entered == [2, 1, 0]  # both requests were counted before the first was parsed
+    assert seen == [1, 2, 1, 0] and client.n == 0
 
 
 def test_unknown_model_route_and_method(mini):

@@ -18,7 +18,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exactllm.engine.llm_engine import RequestOutput
@@ -33,51 +33,6 @@ RETRY_AFTER_S = 1
 _DISCONNECTED = object()  # put in an HTTP call's queue when its client goes away
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 _RECEIVED = "exactllm.received"  # scope key: the _Received of a generation request
-
-
-class _Received:
-    """A generation request counted in EngineClient.parsing from its body's arrival until it is
-    submitted to the engine (or answered without reaching it)."""
-    __slots__ = ("client", "state")
-
-    def __init__(self, client: EngineClient):
-        self.client, self.state = client, 0  # 0: body incomplete, 1: counted, 2: done
-
-    def arrived(self) -> None:
-        if self.state == 0:
-            self.state = 1
-            self.client.parsing(1)
-
-    def done(self) -> None:
-        if self.state == 1:
-            self.client.parsing(-1)
-        self.state = 2
-
-
-class ParsingCount:
-    """Plain ASGI middleware: tells the engine how many generation requests this process has
-    received and not yet submitted, so that a burst of arrivals it is still working through is
-    admitted as one cohort (engine_core.Admission)."""
-
-    def __init__(self, app, client: EngineClient):
-        self.app, self.client = app, client
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in GENERATE_PATHS:
-            await self.app(scope, receive, send)
-            return
-        received = scope[_RECEIVED] = _Received(self.client)
-
-        async def receive_counted():
-            msg = await receive()
-            if msg["type"] == "http.request" and not msg.get("more_body", False):
-                received.arrived()
-            return msg
-
-        try:
-            await self.app(scope, receive_counted, send)
-        finally:
-            received.done()
 
 
 class APIKeyMiddleware:
@@ -100,6 +55,79 @@ class APIKeyMiddleware:
                 await JSONResponse(err.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class EventStream(Response):
+    """A text/event-stream response sending what an async iterator of str yields. Starlette's
+    StreamingResponse starts an anyio task group per response to notice the client leaving;
+    here one plain asyncio task watches for that and cancels the stream (the iterator is
+    closed, so its finally clauses run)."""
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks, headers: dict):
+        self.chunks, self.status_code, self.background = chunks, 200, None
+        self.init_headers(headers)
+
+    async def __call__(self, scope, receive, send):
+        task, gone = asyncio.current_task(), []
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.append(True)
+            task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # the client went away: not an error
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()
+
+
+class _Received:
+    """A generation request counted in EngineClient.parsing from its arrival here until it is
+    submitted to the engine (or answered without reaching it)."""
+    __slots__ = ("client", "counted")
+
+    def __init__(self, client: EngineClient):
+        self.client, self.counted = client, True
+        client.parsing(1)
+
+    def done(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.client.parsing(-1)
+
+
+class ParsingCount:
+    """Plain ASGI middleware: tells the engine how many generation requests this process has
+    received and not yet submitted, so that a burst of arrivals it is still working through is
+    admitted as one cohort (engine_core.Admission). Each request yields to the event loop once
+    after being counted: the requests read in one loop iteration are then all counted before
+    the first is parsed and submitted (a request is parsed without a pause in between). A
+    request whose body is slow to arrive keeps the count up: Admission waits at most its cap."""
+
+    def __init__(self, app, client: EngineClient):
+        self.app, self.client = app, client
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in GENERATE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        received = scope[_RECEIVED] = _Received(self.client)
+        try:
+            await asyncio.sleep(0)
+            await self.app(scope, receive, send)
+        finally:
+            received.done()
 
 
 def create_app(client: EngineClient, model_name: str, *, api_key: str | None = None,
@@ -301,7 +329,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
             evs = []
             yield merged
 
-    def streaming(chunks, gens, endpoint: str) -> StreamingResponse:
+    def streaming(chunks, gens, endpoint: str) -> EventStream:
         async def body():
             outcome = "aborted"  # unless we reach the end: the client went away (task cancelled)
             try:
@@ -316,8 +344,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
                 metrics.requests.inc(endpoint=endpoint, outcome=outcome)
                 abort_all(gens)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(body(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---------------------------------------------------------------- routes
     @app.get("/health")
