@@ -213,11 +213,13 @@ BF16_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (16, 128, 128, 4, 
                      (64, 64, 256, 4, 3)]),
               (512, [(64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 64, 128, 4, 4)]),
               (None, [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)])]
-# fast mode, quantized weights: the fused dequantizing GEMM (mma.sync tiles, then wgmma) up to 16 rows, and up to 64 for wide matrices (N >= WIDE_N); one dequantize
-# pass + cuBLAS above (H100: it wins from there on, bench/results/linear_final.json, section small).
-FAST_TILES = [(16, [(16, 16, 256, 2, 4), (16, 32, 256, 4, 3), (64, 16, 256, 4, 3), (64, 64, 64, 4, 3)])] + WGMMA_TILES
+# fast mode, quantized weights: the fused dequantizing GEMM up to FUSED_MAX_M rows (an mma.sync tile),
+# and up to FUSED_MAX_M_WIDE for wide matrices (N >= WIDE_N; a wgmma tile); one dequantize pass +
+# cuBLAS above (H100: it wins from there on, bench/results/linear_final.json, section small). One
+# fixed tile per bucket (not timed: see linear).
+FAST_TILES = [(16, [(16, 16, 256, 2, 4)]), (64, [(64, 32, 128, 4, 4)])]
 FUSED_MAX_M, FUSED_MAX_M_WIDE, WIDE_N = 16, 64, 8192
-TILE_TABLES = {"bf16": BF16_TILES, "wgmma": WGMMA_TILES, "fast": FAST_TILES}
+TILE_TABLES = {"bf16": BF16_TILES, "wgmma": WGMMA_TILES}
 _tiles_best: dict = {}
 
 
@@ -280,6 +282,8 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)
     if M <= FUSED_MAX_M or (M <= FUSED_MAX_M_WIDE and N >= WIDE_N):
-        return gemm(x, w, _tuned_tiles(x, w, "fast"), out)
+        # the bucket's first tile, never a timed choice: the candidates differ in bits for quantized
+        # weights (mma.sync vs wgmma), so a pick by timing could differ between two processes
+        return gemm(x, w, _bucket(FAST_TILES, M)[1][0], out)
     y = F.linear(x, dequantize(w, x.dtype))
     return y if out is None else out.copy_(y)
