@@ -206,8 +206,13 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
+    strs: dict[int, str] = {}  # token id -> its text in logprobs (at most the vocabulary)
+
     def token_str(t: int) -> str:
-        return tok.token_bytes(t).decode("utf-8", "replace")
+        s = strs.get(t)
+        if s is None:
+            s = strs[t] = tok.token_bytes(t).decode("utf-8", "replace")
+        return s
 
     def admit(n: int, endpoint: str) -> None:
         try:

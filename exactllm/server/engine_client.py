@@ -95,6 +95,7 @@ class GenRequest:
     decoded: str = ""                   # text decoded so far (streaming)
     sent: str = ""                      # text already sent (a prefix of decoded)
     last_token_time: float | None = None
+    hold: int = 0                       # characters held back from a stream (longest stop string - 1)
 
 
 class EngineClient:
@@ -197,6 +198,7 @@ class EngineClient:
         self._reqs[req.rid] = req
         if req.stream:
             req.detok = self.tokenizer.stream()
+            req.hold = max((len(s) for s in req.params.stop), default=1) - 1
         self._post(("add", req.rid, req.prompt_ids, req.params))
 
     def abort(self, req: GenRequest) -> None:
@@ -317,8 +319,7 @@ class EngineClient:
                 # The engine's text is authoritative (stop strings cut, held-back bytes settled).
                 ev.text = final[len(req.sent):] if final.startswith(req.sent) else ""
             else:
-                hold = max((len(s) for s in req.params.stop), default=1) - 1
-                ev.text = req.decoded[len(req.sent):max(len(req.sent), len(req.decoded) - hold)]
+                ev.text = req.decoded[len(req.sent):max(len(req.sent), len(req.decoded) - req.hold)]
             req.sent += ev.text
         if finish is not None:
             ev.output = RequestOutput(req.rid, req.prompt if isinstance(req.prompt, str) else None,

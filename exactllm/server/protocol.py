@@ -166,6 +166,10 @@ def chat_body(rid: str, model: str, created: int, choices: list[dict], usage_: d
     return body
 
 
+# json.dumps with these arguments builds a new JSONEncoder per call; one instance is reused instead.
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 class ChunkEncoder:
     """The SSE lines of one streamed response: ``enc(choices, usage)`` is
     ``data: <completion_body/chat_body(..., chunk=True) as JSON>``. The fields every chunk
@@ -176,8 +180,8 @@ class ChunkEncoder:
         self._head = f'data: {{"id":{d(rid)},"object":{d(object_)},"created":{created},"model":{d(model)},"choices":'
 
     def __call__(self, choices: list[dict], usage_: dict | None = None) -> str:
-        tail = "" if usage_ is None else ',"usage":' + json.dumps(usage_, ensure_ascii=False, separators=(",", ":"))
-        return f"{self._head}{json.dumps(choices, ensure_ascii=False, separators=(',', ':'))}{tail}}}\n\n"
+        tail = "" if usage_ is None else ',"usage":' + _compact(usage_)
+        return f"{self._head}{_compact(choices)}{tail}}}\n\n"
 
 
 def now() -> int:
