@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 
@@ -262,6 +263,47 @@ def test_parsing_middleware_counts_until_the_submit():
     asyncio.run(main())
     assert entered == [2, 1, 0]  # both requests were counted before the first was parsed
     assert seen == [1, 2, 1, 0] and client.n == 0
+
+
+def test_fast_path_answers_as_fastapi_does(mini):
+    """Valid generation requests sent as plain application/json skip FastAPI's request machinery
+    (app.FastGenerate); the same request sent with a charset parameter takes FastAPI's way. Both
+    answers agree byte for byte but for the response id and time; a body that does not validate
+    is passed on to FastAPI even with the fast path's content type."""
+    from exactllm.server.app import FastGenerate
+    fast = mini.server.config.app.middleware_stack
+    while not isinstance(fast, FastGenerate):
+        fast = fast.app
+    inner, reached = fast.app, []
+
+    async def counting(scope, receive, send):
+        reached.append(scope["path"])
+        await inner(scope, receive, send)
+
+    def post(path, body, fastapi: bool):
+        ctype = "application/json; charset=utf-8" if fastapi else "application/json"
+        r = httpx.post(mini.url + path, headers={**headers(), "Content-Type": ctype}, content=json.dumps(body), timeout=30)
+        return r.status_code, r.headers["content-type"], re.sub(r'"(id|created)":("[^"]*"|\d+)', "", r.text)
+
+    cases = [("/v1/completions", {"model": MINI, "prompt": "fast or slow", "max_tokens": 5, "temperature": 0,
+                                  "logprobs": 1, "stream": stream}) for stream in (False, True)]
+    cases += [("/v1/chat/completions", {"model": MINI, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                        "temperature": 0, "logprobs": True, "stream": stream}) for stream in (False, True)]
+    fast.app = counting
+    try:
+        for path, body in cases:
+            post(path, body, fastapi=True)  # first: both answers below then find the same prefix cache
+            wait_idle(mini)
+            a = post(path, body, fastapi=False)
+            wait_idle(mini)
+            b = post(path, body, fastapi=True)
+            assert a == b and a[0] == 200, (a, b)
+        assert reached == [p for p, _ in cases for _ in "ab"]  # only the charset requests went through FastAPI
+        assert post("/v1/completions", {"model": MINI, "prompt": 5}, fastapi=False)[0] == 400
+        assert post("/v1/completions", {**GOOD, "model": "gpt-4"}, fastapi=False)[0] == 404  # the endpoint's APIError
+        assert reached[-1] == "/v1/completions" and len(reached) == 2 * len(cases) + 1
+    finally:
+        fast.app = inner
 
 
 def test_unknown_model_route_and_method(mini):
