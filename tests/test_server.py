@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -431,6 +432,27 @@ def test_chunk_encoder_is_the_chunk_body_as_json(usage_):
         line = ChunkEncoder("cmpl-1", "m\"odel", 17, obj)([choice], usage_)
         assert line.startswith("data: ") and line.endswith("\n\n")
         assert json.loads(line[6:]) == body("cmpl-1", "m\"odel", 17, [choice], usage_, chunk=True)
+
+
+def test_completion_choice_json_is_the_choice_as_json():
+    """The hand-written JSON of a streamed completion choice equals the generic encoder's for the
+    same dict: escapes, non-ASCII, non-finite and negative-zero log-probs, with and without logprobs."""
+    from exactllm.server.protocol import completion_choice_json, completion_logprobs
+    rng = random.Random(0)
+    pieces = ["a", "\u00e9", '"', "\\", "\n", "\x00", "\u2028", "\U0001f600", " ", "<filler_12>", "\ufffd", ""]
+    enc = ChunkEncoder("cmpl-1", "m", 17, "text_completion")
+    for case in range(400):
+        n = rng.randint(0, 4)
+        tokens = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 3))) for _ in range(n)]
+        lps = [rng.choice([-rng.random() * 20, 0.0, -0.0, float("-inf"), float("nan"), -1e-300, -123456789.125])
+               for _ in range(n)]
+        text, finish, offset, with_lp = "".join(tokens[:2]), rng.choice([None, "length", "stop"]), rng.randint(0, 99), \
+            rng.random() < 0.8
+        want = {"index": case % 3, "text": text, "logprobs": completion_logprobs(tokens, lps, offset) if with_lp else None,
+                "finish_reason": finish}
+        got = completion_choice_json(case % 3, text, tokens if with_lp else None, lps, offset, finish)
+        assert got == json.dumps(want, ensure_ascii=False, separators=(",", ":"))
+        assert enc.encoded(f"[{got}]") == enc([want])
 
 
 def test_admission_window():

@@ -26,7 +26,8 @@ from exactllm.engine.llm_engine import RequestOutput
 from exactllm.server.engine_client import Draining, EngineClient, Event, GenRequest, Overloaded, merge_events
 from exactllm.server.metrics import ServerMetrics
 from exactllm.server.protocol import (APIError, ChatCompletionRequest, ChunkEncoder, CompletionRequest, chat_body,
-                                      chat_logprobs, completion_body, completion_logprobs, new_id, now, usage)
+                                      chat_logprobs, completion_body, completion_choice_json,
+                                      completion_logprobs, new_id, now, usage)
 
 log = logging.getLogger("exactllm.server")
 
@@ -465,10 +466,11 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
                     completion_tokens += len(ev.token_ids)
                     if not (ev.text or ev.output is not None or (body.logprobs is not None and ev.token_ids)):
                         continue
-                    choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs_of(ev, offsets[ev.index]),
-                              "finish_reason": ev.finish_reason if ev.output is not None else None}
+                    tokens = None if body.logprobs is None else [token_str(t) for t in ev.token_ids]
+                    out.append(enc.encoded("[" + completion_choice_json(
+                        ev.index, ev.text, tokens, ev.logprobs, offsets[ev.index],
+                        ev.finish_reason if ev.output is not None else None) + "]"))
                     offsets[ev.index] += len(ev.text)
-                    out.append(enc([choice]))
                 if out:
                     yield "".join(out)
             tail = enc([], usage(prompt_tokens, completion_tokens)) if body.include_usage else ""

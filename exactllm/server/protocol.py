@@ -6,6 +6,7 @@ OpenAI API tolerates them; fields with a wrong type or out-of-range value are a 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -168,6 +169,29 @@ def chat_body(rid: str, model: str, created: int, choices: list[dict], usage_: d
 
 # json.dumps with these arguments builds a new JSONEncoder per call; one instance is reused instead.
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_string = json.encoder.encode_basestring  # what that encoder writes for a str (ensure_ascii=False)
+
+
+def _number(x) -> str:
+    return float.__repr__(x) if type(x) is float and math.isfinite(x) else _compact(x)  # as json writes it
+
+
+def completion_choice_json(index: int, text: str, tokens: list[str] | None, logprobs: list[float] | None,
+                           offset: int, finish_reason: str | None) -> str:
+    """_compact({"index", "text", "logprobs": completion_logprobs(tokens, logprobs, offset) or None
+    without tokens, "finish_reason"}), written out directly: a stream of one token per chunk
+    spent more time in the generic encoder than anywhere else on its way out."""
+    if tokens is None:
+        lp = "null"
+    else:
+        toks, lps, offsets, pos = [_string(t) for t in tokens], [_number(x) for x in logprobs], [], offset
+        for t in tokens:
+            offsets.append(str(pos))
+            pos += len(t)
+        lp = (f'{{"tokens":[{",".join(toks)}],"token_logprobs":[{",".join(lps)}],"top_logprobs":['
+              f'{",".join(f"{{{t}:{x}}}" for t, x in zip(toks, lps))}],"text_offset":[{",".join(offsets)}]}}')
+    finish = "null" if finish_reason is None else _string(finish_reason)
+    return f'{{"index":{index},"text":{_string(text)},"logprobs":{lp},"finish_reason":{finish}}}'
 
 
 class ChunkEncoder:
@@ -178,6 +202,10 @@ class ChunkEncoder:
     def __init__(self, rid: str, model: str, created: int, object_: str):
         d = json.dumps
         self._head = f'data: {{"id":{d(rid)},"object":{d(object_)},"created":{created},"model":{d(model)},"choices":'
+
+    def encoded(self, choices_json: str) -> str:
+        """The line of a chunk whose choices are given as JSON already (no usage)."""
+        return f"{self._head}{choices_json}}}\n\n"
 
     def __call__(self, choices: list[dict], usage_: dict | None = None) -> str:
         tail = "" if usage_ is None else ',"usage":' + _compact(usage_)
