@@ -83,14 +83,6 @@ def configs_for(M: int, sweep: bool) -> list:
     return [None] + (SWEEP_M1 if (sweep and M == 1) else [])
 
 
-class no_pdl:
-    def __enter__(self):
-        pdl.ENABLED = False
-
-    def __exit__(self, *exc):
-        pdl.ENABLED = True
-
-
 def check_linear(gen, N, K, M, dev, sweep) -> dict:
     x, w = rand(gen, M, K, dev=dev), rand(gen, N, K, dev=dev, scale=K ** -0.5)
     y64 = x.double() @ w.double().T
@@ -132,7 +124,7 @@ def time_linear(gen, N, K, M, dev, sweep) -> dict:
     res = {"cublas": graph_us(lambda w: F.linear(x, w), pool)}
     res["sweep"] = {str(c): graph_us(lambda w, c=c: gemv_triton.gemv(x, w, c, out=y), pool) for c in configs_for(M, sweep)}
     res["ours"] = res["sweep"]["None"]
-    with no_pdl():
+    with pdl.disabled():
         res["ours_no_pdl"] = graph_us(lambda w: gemv_triton.gemv(x, w, out=y), pool)
     return res
 
@@ -189,7 +181,7 @@ def time_layers(gen, M, dev) -> dict:
 
     floor = sum(floor_us(*SHAPES[k], M, 2.9e12) for k in ("qkv", "o", "gate_up", "down"))
     out = {"today": graph_us(today, ws), "ours": graph_us(ours, ws), "mixed": graph_us(mixed, ws), "floor": floor}
-    with no_pdl():
+    with pdl.disabled():
         out["ours_no_pdl"] = graph_us(ours, ws)
         out["mixed_no_pdl"] = graph_us(mixed, ws)
     return out

@@ -70,14 +70,6 @@ def load_old(path: str | None):
     return mod
 
 
-class no_pdl:
-    def __enter__(self):
-        pdl.ENABLED = False
-
-    def __exit__(self, *exc):
-        pdl.ENABLED = True
-
-
 def check(gen, qtype, N, K, M, dev) -> dict:
     """Every prologue of the new kernel vs its reference and float64 (and the old kernel, if given)."""
     W = QuantWeight.quantize(torch.randn(N, K, generator=gen, device=dev), qtype)
@@ -88,7 +80,7 @@ def check(gen, qtype, N, K, M, dev) -> dict:
     y = qgemv_triton.gemv(x, W, out=nan(M, N))
     out = {"rel_plain": rel(y, x.double() @ w64.T), "rel_plain_vs_ref": rel(y, gemv.gemv_ref(x, W)),
            "repeat_identical": all(torch.equal(qgemv_triton.gemv(x, W), y) for _ in range(3))}
-    with no_pdl():
+    with pdl.disabled():
         out["pdl_off_identical"] = torch.equal(qgemv_triton.gemv(x, W), y)
     yn, res = qgemv_triton.norm_gemv(x, r, nw, EPS, W, out=nan(M, N), residual_out=nan(M, K))
     ref, ref_res = gemv.norm_gemv_ref(x, r, nw, EPS, W)
@@ -110,7 +102,7 @@ def time_linear(gen, qtype, N, K, dev, old, sweep, bw) -> dict:
     pool, x = qpool(W), rand(gen, 1, K, dev=dev)
     y = torch.empty(1, N, dtype=x.dtype, device=dev)
     res = {"floor_us": floor_us(W, 1, bw), "new": graph_us(lambda w: qgemv_triton.gemv(x, w, out=y), pool)}
-    with no_pdl():
+    with pdl.disabled():
         res["new_no_pdl"] = graph_us(lambda w: qgemv_triton.gemv(x, w, out=y), pool)
     if sweep:
         res["sweep"] = {str(c): graph_us(lambda w, c=c: qgemv_triton.gemv(x, w, c, out=y), pool) for c in SWEEP}

@@ -42,6 +42,7 @@ from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import matmul_triton as mt
 from exactllm.kernels import qgemv_triton
 from exactllm.layers.ops import QGEMV_MAX_M
+from ptx import launched_ptx  # bench/ is on sys.path: this script runs from there
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}
@@ -93,19 +94,7 @@ def gemm(x, w, c, out=None):
 
 def mma_of(call):
     """The MMA instruction family in the PTX of the kernel that ``call`` launches."""
-    k = mt._gemm_kernel
-    got = []
-    orig = k.run
-
-    def run(*a, **kw):
-        got.append(orig(*a, **kw))
-        return got[-1]
-    k.run = run
-    try:
-        call()
-    finally:
-        del k.run
-    ptx = getattr(got[-1], "asm", {}).get("ptx", "") if got else ""
+    ptx = launched_ptx(mt._gemm_kernel, call)
     return "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "other"
 
 

@@ -40,6 +40,7 @@ from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import matmul_triton as mt
 from exactllm.kernels.tree import combine_partials
 from exactllm.kernels.tree_matmul_triton import Config
+from ptx import launched_ptx  # bench/ is on sys.path: this script runs from there
 
 # TinyLlama-1.1B linears (N, K): qkv, o, gate_up, down, lm_head; plus k/v alone and the
 # unfused FFN projections, for comparison with the earlier table.
@@ -496,19 +497,7 @@ def _shard(w, r, parts):
 def mma_line(call):
     """The first MMA instruction in the PTX of the TBIK kernel that ``call`` launches, shortened
     (wgmma with A from registers lists A's registers in braces; from shared memory, a descriptor)."""
-    k, got = tk._tbik_kernel, []
-    orig = k.run
-
-    def run(*a, **kw):
-        got.append(orig(*a, **kw))
-        return got[-1]
-    k.run = run
-    try:
-        call()
-    finally:
-        del k.run
-    ptx = getattr(got[-1], "asm", {}).get("ptx", "") if got else ""
-    for line in ptx.splitlines():
+    for line in launched_ptx(tk._tbik_kernel, call).splitlines():
         if "wgmma.mma_async" in line or "mma.sync" in line:
             return " ".join(line.split())[:160]
     return "none"

@@ -217,23 +217,42 @@ def _launch(prologue: int, x, r, nw, w, eps: float, config: tuple | None, out, r
     return y
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """As ``gemv.gemv_ref``: x [M, K] @ w[N, K].T in x's dtype (float32 accumulation)."""
-    x = _rows(x)
-    return _launch(PLAIN, x, x, x, w, 0.0, config, out, None)
+class EntryPoints:
+    """gemv / norm_gemv / silu_gemv (kernels/gemv.py's signatures) around one kernel launcher
+    ``launch(prologue, x, r, nw, w, eps, config, out, residual_out, **epilogue)``: the dense GEMV's
+    here, the quantized GEMV's in qgemv_triton."""
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def gemv(self, x: torch.Tensor, w, config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``gemv.gemv_ref``: x [M, K] @ w[N, K].T in x's dtype (float32 accumulation)."""
+        x = _rows(x)
+        return self.launch(PLAIN, x, x, x, w, 0.0, config, out, None)
+
+    def norm_gemv(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  w, config: tuple | None = None, out: torch.Tensor | None = None,
+                  residual_out: torch.Tensor | None = None, **epilogue) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``gemv.norm_gemv_ref``: (rmsnorm(x [+ residual]) @ w.T, the new residual stream).
+        ``residual_out`` (NORM_ADD only) must not overlap x or residual: other programs still read them."""
+        x = _rows(x)
+        if residual is None:
+            return self.launch(NORM, x, x, norm_weight, w, eps, config, out, None, **epilogue), x
+        r = _rows(residual)
+        new_res = torch.empty_like(x) if residual_out is None else residual_out
+        return self.launch(NORM_ADD, x, r, norm_weight, w, eps, config, out, new_res, **epilogue), new_res
+
+    def silu_gemv(self, gate: torch.Tensor, up: torch.Tensor, w, config: tuple | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``gemv.silu_gemv_ref``: (silu(gate) * up) @ w.T; gate and up may be strided row views
+        (the halves of one gate/up output)."""
+        if gate.shape != up.shape:
+            raise ValueError("gate and up differ in shape")
+        return self.launch(SILU, _rows(gate), _rows(up), gate, w, 0.0, config, out, None)
 
 
-def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-              w: torch.Tensor, config: tuple | None = None, out: torch.Tensor | None = None,
-              residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``gemv.norm_gemv_ref``: (rmsnorm(x [+ residual]) @ w.T, the new residual stream).
-    ``residual_out`` (NORM_ADD only) must not overlap x or residual: other programs still read them."""
-    x = _rows(x)
-    if residual is None:
-        return _launch(NORM, x, x, norm_weight, w, eps, config, out, None), x
-    r = _rows(residual)
-    new_res = torch.empty_like(x) if residual_out is None else residual_out
-    return _launch(NORM_ADD, x, r, norm_weight, w, eps, config, out, new_res), new_res
+_DENSE = EntryPoints(_launch)
+gemv, norm_gemv, silu_gemv = _DENSE.gemv, _DENSE.norm_gemv, _DENSE.silu_gemv
 
 
 def norm_gemv_rope_kv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -243,18 +262,4 @@ def norm_gemv_rope_kv(x: torch.Tensor, residual: torch.Tensor | None, norm_weigh
     output: returns (qkv with its q rows rotated, k and v as projected; the new residual stream) and
     stores rotated k and v at their cache slots. The rotation runs in the GEMV's epilogue (pairs of
     adjacent output rows sit in one program), so no RoPE kernel is launched."""
-    x = _rows(x)
-    if residual is None:
-        return _launch(NORM, x, x, norm_weight, w, eps, config, out, None, rope_kv), x
-    r = _rows(residual)
-    new_res = torch.empty_like(x)
-    return _launch(NORM_ADD, x, r, norm_weight, w, eps, config, out, new_res, rope_kv), new_res
-
-
-def silu_gemv(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor, config: tuple | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """As ``gemv.silu_gemv_ref``: (silu(gate) * up) @ w.T; gate and up may be strided row views
-    (the halves of one gate/up output)."""
-    if gate.shape != up.shape:
-        raise ValueError("gate and up differ in shape")
-    return _launch(SILU, _rows(gate), _rows(up), gate, w, 0.0, config, out, None)
+    return _DENSE.norm_gemv(x, residual, norm_weight, eps, w, config, out, rope_kv=rope_kv)

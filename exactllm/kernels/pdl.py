@@ -15,6 +15,8 @@ arithmetic, so results are the same bits with PDL on or off.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,17 @@ ENABLED = True  # off: every kernel launches after the previous one has finished
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL (CUDA only; never under the interpreter)."""
     return ENABLED and device.type == "cuda"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Kernels launched inside the block go without PDL (A/B timing in the bench scripts)."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
 
 
 def launch_kwargs(pdl: bool) -> dict:

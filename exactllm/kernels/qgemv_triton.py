@@ -43,7 +43,7 @@ import triton.language as tl
 
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import pdl
-from exactllm.kernels.gemv_triton import NORM, NORM_ADD, PLAIN, SILU, _block_m, _input, _rows
+from exactllm.kernels.gemv_triton import EntryPoints, _block_m, _input
 from exactllm.kernels.matmul_triton import QCODES
 
 MAX_BLOCK_M = 8
@@ -244,28 +244,5 @@ def _launch(prologue: int, x, r, nw, w: QuantWeight, eps: float, config: tuple |
     return y
 
 
-def gemv(x: torch.Tensor, w: QuantWeight, config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """As ``gemv.gemv_ref``: x [M, K] @ w[N, K].T in x's dtype (float32 accumulation)."""
-    x = _rows(x)
-    return _launch(PLAIN, x, x, x, w, 0.0, config, out, None)
-
-
-def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-              w: QuantWeight, config: tuple | None = None, out: torch.Tensor | None = None,
-              residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``gemv.norm_gemv_ref``: (rmsnorm(x [+ residual]) @ w.T, the new residual stream).
-    ``residual_out`` (NORM_ADD only) must not overlap x or residual: other programs still read them."""
-    x = _rows(x)
-    if residual is None:
-        return _launch(NORM, x, x, norm_weight, w, eps, config, out, None), x
-    r = _rows(residual)
-    new_res = torch.empty_like(x) if residual_out is None else residual_out
-    return _launch(NORM_ADD, x, r, norm_weight, w, eps, config, out, new_res), new_res
-
-
-def silu_gemv(gate: torch.Tensor, up: torch.Tensor, w: QuantWeight, config: tuple | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """As ``gemv.silu_gemv_ref``: (silu(gate) * up) @ w.T; gate and up may be strided row views."""
-    if gate.shape != up.shape:
-        raise ValueError("gate and up differ in shape")
-    return _launch(SILU, _rows(gate), _rows(up), gate, w, 0.0, config, out, None)
+_QUANT = EntryPoints(_launch)
+gemv, norm_gemv, silu_gemv = _QUANT.gemv, _QUANT.norm_gemv, _QUANT.silu_gemv
