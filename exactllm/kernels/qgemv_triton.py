@@ -23,7 +23,7 @@ offset exactly. The next tile's quants and scales are loaded before the current 
 Programmatic dependent launch (Hopper; kernels/pdl.py): the first tile of weights is loaded before
 griddepcontrol.wait, as in gemv_triton.
 
-Where it stands (H100, bench/gemv_quant.py, gemv_quant_s2.json): 1.2-2x faster than the old GEMV
+Where it stands (H100, bench/gemv_quant.py, gemv_quant.json): 1.2-2x faster than the old GEMV
 on the 2048-row matrices (o, qkv, down), within 2% or faster on gate_up and lm_head; 20-47% of the
 Q4_0 byte floor, 38-79% of Q8_0's (the table's configs, graph-timed from HBM). The CUDA-core unpacking (~3 instructions per weight) and the loads it keeps in
 registers (no pipelining of non-dot loads in Triton) bound it; the byte floor needs the weight stream

@@ -39,7 +39,7 @@ GEMV_SWIGLU = False
 # QGEMV_MAX_M rows (at M = 2 it beat the old GEMV and the fused GEMM on every TinyLlama linear on the
 # H100). Its RMSNorm (QGEMV_NORM) and SwiGLU (QGEMV_SWIGLU) prologues are off: the RMSNorm kernel +
 # GEMV and the SwiGLU kernel + GEMV were faster (a program of 2-4 weight rows recomputes the norm or
-# SwiGLU over all of K; bench/gemv_quant.py, section fused, gemv_quant_s2.json).
+# SwiGLU over all of K; bench/gemv_quant.py, section fused, gemv_quant.json).
 QGEMV_MAX_M = 2
 QGEMV_NORM = False
 QGEMV_SWIGLU = False
