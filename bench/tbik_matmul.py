@@ -169,14 +169,20 @@ def _warm(job):
     return job[:3]
 
 
-def warm_all(sweep, old_path, jobs):
+def compile_ahead(worker, work, jobs, label):
+    """Run ``worker`` on every item of ``work`` in ``jobs`` spawned processes: their launches fill
+    Triton's on-disk cache, so the timed runs in this process compile nothing."""
     t = time.time()
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for _ in pool.imap_unordered(worker, work):
+            pass
+    print(f"{label}compiled in {time.time() - t:.0f} s", flush=True)
+
+
+def warm_all(sweep, old_path, jobs):
     work = [("check", N, K, c) for N, K in CHECK_SHAPES for c in all_configs() + [None]]
     work += [("bench", M, N, K, sweep, old_path) for M in MS for N, K in SHAPES]
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        for _ in pool.imap_unordered(_warm, work):
-            pass
-    print(f"compiled in {time.time() - t:.0f} s", flush=True)
+    compile_ahead(_warm, work, jobs, "")
 
 
 def host_us(fn, n=200):
@@ -330,14 +336,10 @@ def _warm_quant(job):
 
 
 def warm_quant(jobs, timing=True):
-    t = time.time()
     work = [("check", q, 512, N, K) for q in ("q8_0", "q4_0", "q4_1") for N, K in Q_CHECK_SHAPES]
     if timing:
         work += [("time", q, M, N, K) for q in ("q8_0", "q4_0") for M in Q_MS for N, K in Q_SHAPES.values()]
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        for _ in pool.imap_unordered(_warm_quant, work):
-            pass
-    print(f"quant: compiled in {time.time() - t:.0f} s", flush=True)
+    compile_ahead(_warm_quant, work, jobs, "quant: ")
 
 
 def bench_quant():
@@ -604,14 +606,10 @@ def _warm_small(job):
 
 
 def warm_small(jobs, timing=True):
-    t = time.time()
     work = [("check", q, 512, N, K) for q, shapes in SMALL_CHECK.items() for N, K in shapes]
     if timing:   # one M per compile class: the timed kernels do not specialize on M
         work += [("time", q, 1, N, K) for q, shapes in SMALL_TIME.items() for N, K in dict.fromkeys(shapes.values())]
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        for _ in pool.imap_unordered(_warm_small, work):
-            pass
-    print(f"small: compiled in {time.time() - t:.0f} s", flush=True)
+    compile_ahead(_warm_small, work, jobs, "small: ")
 
 
 def bench_small():
