@@ -62,6 +62,22 @@ def _input(x_rows, r_rows, kk, mask, PROLOGUE: tl.constexpr):
 
 
 @triton.jit
+def _normed_input(x_rows, r_rows, nw_ptr, ro_rows, kk, mask, nw_mask, rstd, write_res, PROLOGUE: tl.constexpr,
+                  dt: tl.constexpr):
+    """The linear's input at columns kk in dt: ``_input``, then for NORM / NORM_ADD scaled by rstd and
+    the norm weight (loaded under nw_mask) and rounded as the norm kernel rounds it; NORM_ADD stores
+    the new residual stream x + r where ``write_res`` (one program column does it)."""
+    xk = _input(x_rows, r_rows, kk, mask, PROLOGUE)
+    if PROLOGUE == 2:
+        if write_res:
+            tl.store(ro_rows + kk, xk, mask=mask)
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        nw = tl.load(nw_ptr + kk, mask=nw_mask, other=0.0).to(tl.float32)
+        xk = (xk.to(tl.float32) * rstd * nw).to(dt)
+    return xk
+
+
+@triton.jit
 def _rope_kv_inputs(rows, n0, M, pos_ptr, cos_ptr, sin_ptr, slot_ptr, stride_c, BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr):
     """cos, sin [BLOCK_M, BLOCK_N // 2] of the pairs in rows n0 .. n0 + BLOCK_N at each row's position,
@@ -117,6 +133,7 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
     r_rows = r_ptr + offs_m.to(tl.int64) * stride_rm
+    ro_rows = ro_ptr + offs_m.to(tl.int64) * stride_om
     w_rows = w_ptr + offs_n * stride_wn
     dt = y_ptr.dtype.element_ty
     w = tl.load(w_rows + ks, mask=mask_n & (ks < K), other=0.0)  # first tile: needs no activation
@@ -124,6 +141,7 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
     if ROPE_KV:
         rope_c, rope_s, slot = _rope_kv_inputs(m0 + tl.arange(0, BLOCK_M)[:, None], pid_n * BLOCK_N, M, pos_ptr,
                                                cos_ptr, sin_ptr, slot_ptr, stride_c, BLOCK_N, HEAD_DIM)
+    rstd = 1.0
     if PROLOGUE == 1 or PROLOGUE == 2:
         ss = tl.zeros([BLOCK_M, 1, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -136,13 +154,8 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
         kk = k0 + ks
         kmask = kk < K
         w_next = tl.load(w_rows + kk + BLOCK_K, mask=mask_n & (kk + BLOCK_K < K), other=0.0)
-        xk = _input(x_rows, r_rows, kk, mask_m & kmask, PROLOGUE)
-        if PROLOGUE == 2:
-            if pid_n == 0:
-                tl.store(ro_ptr + offs_m.to(tl.int64) * stride_om + kk, xk, mask=mask_m & kmask)
-        if PROLOGUE == 1 or PROLOGUE == 2:
-            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            xk = (xk.to(tl.float32) * rstd * nw).to(dt)
+        xk = _normed_input(x_rows, r_rows, nw_ptr, ro_rows, kk, mask_m & kmask, kmask, rstd, pid_n == 0, PROLOGUE,
+                           dt)
         acc += w.to(tl.float32) * xk.to(tl.float32)
         w = w_next
     y = tl.sum(acc, axis=2).to(dt)

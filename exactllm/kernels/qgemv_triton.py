@@ -43,7 +43,7 @@ import triton.language as tl
 
 from exactllm.formats.quant import QuantWeight
 from exactllm.kernels import pdl
-from exactllm.kernels.gemv_triton import EntryPoints, _block_m, _input
+from exactllm.kernels.gemv_triton import EntryPoints, _block_m, _input, _normed_input
 from exactllm.kernels.matmul_triton import QCODES
 
 MAX_BLOCK_M = 8
@@ -124,20 +124,6 @@ def _dot_words(w, x, OP: tl.constexpr, ASM: tl.constexpr):
     return v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3
 
 
-@triton.jit
-def _x_tile(x_rows, r_rows, nw_ptr, ro_rows, kk, mask, rstd, write_res, PROLOGUE: tl.constexpr, dt: tl.constexpr):
-    """The linear's input at columns kk as float32, rounded as gemv_triton rounds it; NORM_ADD:
-    the new residual stream x + r is stored where ``write_res`` (one program column does it)."""
-    xk = _input(x_rows, r_rows, kk, mask, PROLOGUE)
-    if PROLOGUE == 2:
-        if write_res:
-            tl.store(ro_rows + kk, xk, mask=mask)
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        nw = tl.load(nw_ptr + kk, mask=mask, other=0.0).to(tl.float32)
-        xk = (xk.to(tl.float32) * rstd * nw).to(dt)
-    return xk.to(tl.float32)
-
-
 @triton.jit(do_not_specialize=["M"])
 def _qgemv_kernel(x_ptr, r_ptr, nw_ptr, q_ptr, sc_ptr, mn_ptr, y_ptr, ro_ptr, M, N, K,
                   stride_xm, stride_rm, stride_qn, stride_sn, stride_ym, stride_om, eps,
@@ -192,14 +178,16 @@ def _qgemv_kernel(x_ptr, r_ptr, nw_ptr, q_ptr, sc_ptr, mn_ptr, y_ptr, ro_ptr, M,
             mn_next = tl.load(m_rows + b0 + NB, mask=nxt, other=0.0)
         kk = (b0 + b5) * 32 + col                     # x columns of the low nibbles / the int8s
         xmask = mask_m & (b0 + b5 < n_blk)
-        x_lo = _x_tile(x_rows, r_rows, nw_ptr, ro_rows, kk, xmask, rstd, write_res, PROLOGUE, dt)
+        x_lo = _normed_input(x_rows, r_rows, nw_ptr, ro_rows, kk, xmask, xmask, rstd, write_res, PROLOGUE,
+                             dt).to(tl.float32)
         if QTYPE == 3:
             part = tl.sum(tl.sum(_dot_words(q, x_lo, 2, ASM), axis=4, keep_dims=True), axis=3, keep_dims=True)
             acc += part * d.to(tl.float32)
         else:
             # nibbles come as 1 + n/16: sum (1 + n/16) x - c * sum x = sum (n - 16 (c - 1)) x / 16, so
             # c = 1.5 gives Q4_0's n - 8 and c = 1 Q4_1's n; the block's sum of x serves all rows
-            x_hi = _x_tile(x_rows, r_rows, nw_ptr, ro_rows, kk + 16, xmask, rstd, write_res, PROLOGUE, dt)
+            x_hi = _normed_input(x_rows, r_rows, nw_ptr, ro_rows, kk + 16, xmask, xmask, rstd, write_res,
+                                 PROLOGUE, dt).to(tl.float32)
             part = tl.sum(tl.sum(_dot_words(q, x_lo, 0, ASM) + _dot_words(q, x_hi, 1, ASM), axis=4, keep_dims=True),
                           axis=3, keep_dims=True)
             xs = tl.sum(tl.sum(x_lo + x_hi, axis=4, keep_dims=True), axis=3, keep_dims=True)
