@@ -7,9 +7,10 @@ HTTP handlers post commands (add, abort); the event loop gathers those of one lo
 into one message, which a sender thread writes to the pipe (so a full pipe never blocks the
 loop, and a burst of arrivals wakes that thread once rather than per request). With them goes
 the number of requests the HTTP side has received and not yet submitted (``parsing``), which
-Admission (engine_core.py) waits for. The event loop reads the engine's messages (one per engine step) as the pipe becomes readable
-and turns them into Events on the asyncio.Queue of each HTTP call. Streaming text is decoded
-here, not in the engine process, so that its step loop does no work a client could wait on.
+Admission (engine_core.py) waits for. The event loop reads the engine's messages (one per
+engine step) as the pipe becomes readable and turns them into Events on the asyncio.Queue of
+each HTTP call. Streaming text is decoded here, not in the engine process, so that its step
+loop does no work a client could wait on.
 
 Admission is bounded: at most ``max_in_flight`` sequences may be admitted and unfinished;
 beyond that the front end refuses with 429, so memory does not grow with offered load.
