@@ -49,13 +49,11 @@ def _find_seq(cum_ptr, n_seqs, idx, n_iter):
 
 
 @triton.jit
-def _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh, qk_scale,
-                m_i, l_i, acc, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
-                MASKED: tl.constexpr):
-    """One online-softmax step over keys n0 .. n0 + BLOCK_N (masked: causal and < hi)."""
-    kpos = n0 + tl.arange(0, BLOCK_N)
+def _load_kv(k_ptr, v_ptr, bt_row, kpos, bound, d, kvh, stride_kb, stride_kt, stride_kh, PAGE: tl.constexpr,
+             MASKED: tl.constexpr):
+    """K and V [len(kpos), HEAD_DIM] of keys kpos (masked: those < bound; zeros elsewhere)."""
     if MASKED:
-        kin = kpos < hi
+        kin = kpos < bound
         page = tl.load(bt_row + kpos // PAGE, mask=kin, other=0).to(tl.int64)
     else:
         page = tl.load(bt_row + kpos // PAGE).to(tl.int64)
@@ -66,9 +64,15 @@ def _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_
     else:
         k = tl.load(k_ptr + kv_off[:, None] + d[None, :])
         v = tl.load(v_ptr + kv_off[:, None] + d[None, :])
+    return k, v
+
+
+@triton.jit
+def _attn_update(q, k, v, kpos, hi, pos, qk_scale, m_i, l_i, acc, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over the keys kpos with their K and V (masked: causal and < hi)."""
     sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        ok = (kpos[None, :] <= pos[:, None]) & kin[None, :]
+        ok = (kpos[None, :] <= pos[:, None]) & (kpos < hi)[None, :]
         sc = tl.where(ok, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -80,6 +84,16 @@ def _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_
 
 
 @triton.jit
+def _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh, qk_scale,
+                m_i, l_i, acc, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+                MASKED: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N (masked: causal and < hi)."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    k, v = _load_kv(k_ptr, v_ptr, bt_row, kpos, hi, d, kvh, stride_kb, stride_kt, stride_kh, PAGE, MASKED)
+    return _attn_update(q, k, v, kpos, hi, pos, qk_scale, m_i, l_i, acc, PRECISION, MASKED)
+
+
+@triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, ctx_ptr, bt_ptr, tile_cu_ptr,
                  n_seqs, n_iter, qk_scale, T, HQ,
                  stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
@@ -87,23 +101,42 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_OUT: tl.constexpr,
                  PRECISION: tl.constexpr, DECODE: tl.constexpr, INVARIANT: tl.constexpr,
                  FUSED_COMBINE: tl.constexpr, PDL: tl.constexpr):
-    pdl.enter(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    d = tl.arange(0, HEAD_DIM)
     if DECODE:  # one query row per sequence: tile s is row s of sequence s (only indexing differs)
         s = tile
         q_start = tile
         q_len = 1
         t0 = 0
+        ctx = tl.load(ctx_ptr + s)
+        if split * SPLIT >= tl.maximum(ctx, 1):  # no keys here (split 0 of a padding row writes its zeros)
+            return
+        # Before the wait for the previous kernel: the context length, the page table and every
+        # key and value but the newest were written before this step began (by the host, or by
+        # earlier steps), so this program's first chunk of them loads under the previous
+        # kernel's tail. Only q and the newest key's K/V (position ctx - 1, stored by the qkv
+        # kernel just before) are read after the wait, and patched into the chunk.
+        bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+        kpos0 = split * SPLIT + tl.arange(0, BLOCK_N)
+        k0, v0 = _load_kv(k_ptr, v_ptr, bt_row, kpos0, tl.minimum(split * SPLIT + SPLIT, ctx - 1), d, kvh,
+                          stride_kb, stride_kt, stride_kh, PAGE, True)
+        newest = ctx - 1
+        new_in = (newest >= split * SPLIT) & (newest < split * SPLIT + BLOCK_N)
+        new_page = tl.load(bt_row + newest // PAGE, mask=new_in, other=0).to(tl.int64)
+        new_off = new_page * stride_kb + (newest % PAGE) * stride_kt + kvh * stride_kh
+        pdl.enter(PDL)
     else:
+        pdl.enter(PDL)
         if tile >= tl.load(tile_cu_ptr + n_seqs):
             return
         s = _find_seq(tile_cu_ptr, n_seqs, tile, n_iter)
         q_start = tl.load(cu_q_ptr + s)
         q_len = tl.load(cu_q_ptr + s + 1) - q_start
         t0 = (tile - tl.load(tile_cu_ptr + s)) * BLOCK_Q
-    ctx = tl.load(ctx_ptr + s)
+        ctx = tl.load(ctx_ptr + s)
+        bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     kv_end = ctx - q_len + tl.minimum(t0 + BLOCK_Q, q_len)  # keys any row of this tile may see
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     r = tl.arange(0, BLOCK_M)
@@ -111,7 +144,6 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
     head = kvh * GROUP + r % GROUP_P
     row_ok = (tok < q_len) & (r % GROUP_P < GROUP)
     pos = ctx - q_len + tok                   # absolute position of each query row
-    d = tl.arange(0, HEAD_DIM)
     row = (q_start + tok).to(tl.int64)
     o_ptrs = o_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     if FUSED_COMBINE or not SPLIT_OUT:
@@ -130,7 +162,6 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     # Fast mode: chunks wholly below the tile's first position are visible to every row, so they
     # skip the masks. Not in the invariant modes: which chunks those are depends on how rows are
     # tiled (prefill vs decode), and the compiler may contract the unmasked path's scale multiply
@@ -140,10 +171,22 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
         full_end = lo
     else:
         full_end = lo + tl.maximum(tl.minimum(hi, ctx - q_len + t0 + 1) - lo, 0) // BLOCK_N * BLOCK_N
-    for n0 in range(lo, full_end, BLOCK_N):
+    first = lo
+    if DECODE:  # the preloaded chunk, the newest key patched in: the very tile the loop would load
+        k_new = tl.load(k_ptr + new_off + d, mask=tl.where(new_in, d < HEAD_DIM, False), other=0.0)
+        v_new = tl.load(v_ptr + new_off + d, mask=tl.where(new_in, d < HEAD_DIM, False), other=0.0)
+        is_new = (kpos0 == newest)[:, None]
+        k0 = tl.where(is_new, k_new[None, :], k0)
+        v0 = tl.where(is_new, v_new[None, :], v0)
+        if lo + BLOCK_N <= full_end:
+            m_i, l_i, acc = _attn_update(q, k0, v0, kpos0, hi, pos, qk_scale, m_i, l_i, acc, PRECISION, False)
+        else:
+            m_i, l_i, acc = _attn_update(q, k0, v0, kpos0, hi, pos, qk_scale, m_i, l_i, acc, PRECISION, True)
+        first = lo + BLOCK_N
+    for n0 in range(first, full_end, BLOCK_N):
         m_i, l_i, acc = _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh,
                                     qk_scale, m_i, l_i, acc, BLOCK_N, PAGE, PRECISION, False)
-    for n0 in range(full_end, hi, BLOCK_N):
+    for n0 in range(tl.maximum(full_end, first), hi, BLOCK_N):
         m_i, l_i, acc = _attn_chunk(q, k_ptr, v_ptr, bt_row, n0, hi, pos, d, kvh, stride_kb, stride_kt, stride_kh,
                                     qk_scale, m_i, l_i, acc, BLOCK_N, PAGE, PRECISION, True)
 
@@ -178,28 +221,48 @@ def _combine_if_last(ws_ptr, ml_ptr, cnt_ptr, o_ptrs, row, head, row_ok, d, n_ac
 
 
 @triton.jit
+def _partial(ws_ptr, ml_ptr, i, n_parts, row, head, mask, d, T, HQ, HEAD_DIM: tl.constexpr, CG: tl.constexpr,
+             L_OTHER: tl.constexpr):
+    """Split i's running max m, sum l and unnormalized acc for token ``row``, heads ``head`` (none
+    loaded where not ``mask`` or i >= n_parts)."""
+    b = (i * T + row) * HQ + head
+    mask = tl.where(i < n_parts, mask, False)
+    m = tl.load(ml_ptr + b * 2, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
+    l = tl.load(ml_ptr + b * 2 + 1, mask=mask, other=L_OTHER, cache_modifier=".cg" if CG else "")
+    a = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None], other=0.0,
+                cache_modifier=".cg" if CG else "")
+    return m, l, a
+
+
+@triton.jit
+def _merge(m, l, acc, m_i, l_i, a_i, take):
+    """(m, l, acc) with one more split's partial merged in, where ``take``; else unchanged."""
+    m_new = tl.maximum(m, m_i)
+    wa = tl.exp2(m - m_new)
+    wb = tl.exp2(m_i - m_new)
+    acc_new = acc * wa[:, None] + a_i * wb[:, None]
+    l_new = l * wa + l_i * wb
+    return tl.where(take, m_new, m), tl.where(take, l_new, l), tl.where(take, acc_new, acc)
+
+
+@triton.jit
 def _merged_partials(ws_ptr, ml_ptr, row, head, mask, d, n_parts, T, HQ, HEAD_DIM: tl.constexpr, CG: tl.constexpr):
     """Attention output [len(head), HEAD_DIM] (float32, normalized) of token ``row`` from its first
     n_parts KV-split partials (split i's running max, sum and unnormalized acc at index
-    (i * T + row) * HQ + head), merged split 0 first, one split at a time. CG: read them past L1
-    (partials stored by other programs of the same launch)."""
-    base = row * HQ + head
-    m = tl.load(ml_ptr + base * 2, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
-    l = tl.load(ml_ptr + base * 2 + 1, mask=mask, other=1.0, cache_modifier=".cg" if CG else "")
-    acc = tl.load(ws_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None], other=0.0,
-                  cache_modifier=".cg" if CG else "")
-    for i in range(1, n_parts):
-        b = (i * T + row) * HQ + head
-        m_i = tl.load(ml_ptr + b * 2, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
-        l_i = tl.load(ml_ptr + b * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg" if CG else "")
-        a_i = tl.load(ws_ptr + b[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None], other=0.0,
-                      cache_modifier=".cg" if CG else "")
-        m_new = tl.maximum(m, m_i)
-        wa = tl.exp2(m - m_new)
-        wb = tl.exp2(m_i - m_new)
-        acc = acc * wa[:, None] + a_i * wb[:, None]
-        l = l * wa + l_i * wb
-        m = m_new
+    (i * T + row) * HQ + head), merged split 0 first, one split at a time. Four splits' loads are
+    issued together before their merges, so a merge of n splits waits on about n / 4 memory
+    round trips, not n (the arithmetic and its order are those of a one-at-a-time loop). CG: read
+    them past L1 (partials stored by other programs of the same launch)."""
+    m, l, acc = _partial(ws_ptr, ml_ptr, 0, n_parts, row, head, mask, d, T, HQ, HEAD_DIM, CG, 1.0)
+    for i in range(1, n_parts, 4):
+        m1, l1, a1 = _partial(ws_ptr, ml_ptr, i, n_parts, row, head, mask, d, T, HQ, HEAD_DIM, CG, 0.0)
+        m2, l2, a2 = _partial(ws_ptr, ml_ptr, i + 1, n_parts, row, head, mask, d, T, HQ, HEAD_DIM, CG, 0.0)
+        m3, l3, a3 = _partial(ws_ptr, ml_ptr, i + 2, n_parts, row, head, mask, d, T, HQ, HEAD_DIM, CG, 0.0)
+        m4, l4, a4 = _partial(ws_ptr, ml_ptr, i + 3, n_parts, row, head, mask, d, T, HQ, HEAD_DIM, CG, 0.0)
+        m, l, acc = _merge(m, l, acc, m1, l1, a1, True)
+        m, l, acc = _merge(m, l, acc, m2, l2, a2, i + 1 < n_parts)
+        m, l, acc = _merge(m, l, acc, m3, l3, a3, i + 2 < n_parts)
+        m, l, acc = _merge(m, l, acc, m4, l4, a4, i + 3 < n_parts)
     return acc / l[:, None]
 
 
