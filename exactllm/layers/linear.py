@@ -50,7 +50,17 @@ class Linear(nn.Module):
             self.qtype = None
             self.shape = tuple(weight.shape)
             self.weight = nn.Parameter(weight, requires_grad=False)
+        self.compute_dtype = None  # set by hold_float32_master: the dtype the forward computes in
         self._quant = None  # the QuantWeight view of the buffers, built once per device move
+
+    def hold_float32_master(self) -> None:
+        """Training: keep a dense weight as a float32 master and compute with its rounding to the
+        serving dtype. The rounding of a weight that came in that dtype is exact, so the forward's
+        bits are the server's; optimizer steps accumulate in float32; and every trainable
+        parameter is float32 like the RMSNorm gains, which FSDP needs (one dtype per unit)."""
+        if self.weight is not None and self.weight.dtype != torch.float32:
+            self.compute_dtype = self.weight.dtype
+            self.weight = nn.Parameter(self.weight.detach().float(), requires_grad=self.weight.requires_grad)
 
     def _apply(self, fn, *args, **kwargs):
         self._quant = None  # buffers are replaced by .to()/.cuda(): rebuild the view
@@ -59,7 +69,7 @@ class Linear(nn.Module):
     @property
     def value(self) -> "torch.Tensor | QuantWeight":
         if self.qtype is None:
-            return self.weight
+            return self.weight if self.compute_dtype is None else self.weight.to(self.compute_dtype)
         if self._quant is None:
             self._quant = QuantWeight(self.qtype, self.shape, self.qs, self.scale, self.qmin)
         return self._quant

@@ -13,13 +13,15 @@ import torch
 from exactllm.config import EngineConfig, parse_dtype
 from exactllm.engine.llm_engine import build_model
 from exactllm.layers.attention import AttnBatch
+from exactllm.layers.linear import Linear
 from exactllm.layers.parallel import TPContext
 from exactllm.models.loader import resolve_model
 
 
 class TrainModel(torch.nn.Module):
     """The serving model with its dense weights trainable: ``TrainModel("random:llama-mini",
-    numerics="tp_invariant")``. Quantized weights stay frozen (they have no gradient)."""
+    numerics="tp_invariant")``. Dense weights are float32 masters computed in the serving dtype
+    (Linear.hold_float32_master); quantized weights stay frozen (they have no gradient)."""
 
     def __init__(self, model: str | None = None, numerics: str = "tp_invariant", device: str = "cpu",
                  dtype=None, tp: TPContext = TPContext()):
@@ -28,6 +30,9 @@ class TrainModel(torch.nn.Module):
         source = resolve_model(model, torch_dtype)
         self.cfg = EngineConfig(device=device, dtype=torch_dtype, numerics=numerics)
         self.model = build_model(source, self.cfg, tp).train()
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.hold_float32_master()
         for p in self.model.parameters():
             p.requires_grad_(p.is_floating_point())
         self.block_size = 16
