@@ -510,7 +510,7 @@ def test_held_requests_wait_for_a_batch_about_to_drain():
     running = [NS(params=NS(max_tokens=64), output_token_ids=[0] * 62)]
     sched = NS(running=running, waiting=[])
     engine = NS(runner=NS(graphs=object()), scheduler=sched, has_work=lambda: bool(sched.running))
-    core = EngineCore(engine, conn=None)
+    core = EngineCore(engine, conns=[])
     for mixed, t in ((False, 0.002), (True, 0.012)):  # window 10 ms: 5 decode steps
         core.admission.observe(mixed, t)
     core.admission.hold(time.monotonic() - 1.0, first=True)

@@ -190,6 +190,7 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
                             prompt_tokens=stats("prompt_tokens"), generation_tokens=stats("generation_tokens"),
                             engine_steps=stats("steps"), admission_window=stats("admission_window"))
     client.on_events = lambda batch: _observe(metrics, batch)
+    client.on_scrape = metrics.snapshot
     names = {model_name, *aliases}
     tok = client.tokenizer
     created = now()
@@ -423,7 +424,10 @@ def create_app(client: EngineClient, model_name: str, *, api_key: str | None = N
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        # With several API-server processes, the others' series and fresh engine stats come
+        # through the engine process (engine_client.scrape), so every front end answers for all.
+        others = await client.scrape() if client.front_ends > 1 and client.alive else []
+        return PlainTextResponse(metrics.render(others), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():

@@ -37,6 +37,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--switch-interval-ms", type=float, default=0.05,
                    help="the HTTP process's thread switch interval (sys.setswitchinterval): how long a "
                         "command for the engine process may wait for the interpreter while the event loop is busy")
+    p.add_argument("--api-servers", type=int, default=1,
+                   help="HTTP front-end processes sharing the port (SO_REUSEPORT) and the one engine process: "
+                        "request parsing and streaming spread over them (server/api_servers.py)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -70,13 +73,18 @@ def cmd_serve(args) -> int:
                       tp=args.tp, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
                       admission_window=window, log_level=args.log_level)
+    name = args.served_model_name or served_model_name(args.model)
+    aliases = (args.model,) if args.model and args.model != name else ()
+    if args.api_servers > 1:
+        from exactllm.server.api_servers import FrontEndOptions, serve
+        opts = FrontEndOptions(name, aliases, args.api_key, args.max_queue, args.drain_timeout,
+                               args.switch_interval_ms / 1e3, args.log_level, os.getpid())
+        return serve(spec, args.api_servers, args.host, args.port, opts)
     try:
         client = EngineClient(spec, max_queue=args.max_queue)
     except EngineStartError as exc:
         print(f"exactllm serve: the engine could not start: {exc}", file=sys.stderr, flush=True)
         return 1
-    name = args.served_model_name or served_model_name(args.model)
-    aliases = (args.model,) if args.model and args.model != name else ()
     app = create_app(client, name, api_key=args.api_key, aliases=aliases)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)

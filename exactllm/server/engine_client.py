@@ -99,53 +99,87 @@ class GenRequest:
     hold: int = 0                       # characters held back from a stream (longest stop string - 1)
 
 
-class EngineClient:
-    def __init__(self, spec: EngineSpec, max_queue: int = 256, start_timeout: float = 1800.0):
-        """Spawn the engine process and wait until it is ready; EngineStartError if it cannot
-        start. max_queue: sequences admitted beyond the engine's max_num_seqs before 429."""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked; nor can torch's thread pools
-        self._conn, theirs = ctx.Pipe()
-        # Not a daemon: with --tp the engine process starts worker processes of its own.
-        self.proc = ctx.Process(target=core_main, args=(spec, theirs, os.getpid()), name="exactllm-engine")
-        self.proc.start()
-        theirs.close()
-        # Runs at interpreter exit before multiprocessing joins its children (exitpriority >= 0).
-        self._finalizer = multiprocessing.util.Finalize(self, _stop_process, args=(self.proc, self._conn),
-                                                        exitpriority=10)
-        kind, info = self._handshake(start_timeout)
-        if kind != "ready":
-            self.close()
-            raise EngineStartError(info)
-        self.tokenizer, self.max_model_len, self.vocab = info["tokenizer"], info["max_model_len"], info["vocab"]
-        self.max_in_flight = info["max_num_seqs"] + max_queue
-        self.stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "steps": {}, "admission_window": 0.0}
-        self.in_flight = 0          # admitted, unfinished sequences
-        self.draining = False
-        self.failed: str | None = None
-        self.on_events = None       # metrics hook: on_events([(GenRequest, Event)])
-        self._reqs: dict[int, GenRequest] = {}
-        self._rids = itertools.count()
-        self._calls: dict[int, concurrent.futures.Future] = {}
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # lists of commands
-        self._batch: list[tuple] = []   # commands of this loop iteration (event-loop thread)
-        self._parsing = self._parsing_sent = 0
-        self._sender = threading.Thread(target=self._send_loop, name="exactllm-engine-send", daemon=True)
-        self._sender.start()
+@dataclass
+class EngineLink:
+    """An API-server process's share of an engine process another process started (`exactllm
+    serve --api-servers N`): its pipe, the engine's ready info, the in-flight count all front
+    ends share (a multiprocessing.Value: the 429 limit is the server's, not each process's)."""
+    conn: object
+    info: dict
+    in_flight: object
+    front_ends: int
 
-    def _handshake(self, timeout: float) -> tuple[str, object]:
+
+class EngineProcess:
+    """The engine process (engine_core.core_main) with one pipe per front end, started and ready;
+    EngineStartError if it cannot start. It must not outlive this process: at interpreter exit
+    (or when this object goes) its pipes are closed, and it is killed if it does not exit."""
+
+    def __init__(self, spec: EngineSpec, front_ends: int = 1, start_timeout: float = 1800.0):
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked; nor can torch's thread pools
+        pipes = [ctx.Pipe() for _ in range(front_ends)]
+        self.conns = [ours for ours, _ in pipes]
+        # Not a daemon: with --tp the engine process starts worker processes of its own.
+        self.proc = ctx.Process(target=core_main, args=(spec, [theirs for _, theirs in pipes], os.getpid()),
+                                name="exactllm-engine")
+        self.proc.start()
+        for _, theirs in pipes:
+            theirs.close()
+        # Runs at interpreter exit before multiprocessing joins its children (exitpriority >= 0).
+        self.stop = multiprocessing.util.Finalize(self, _stop_process, args=(self.proc, self.conns), exitpriority=10)
+        replies = [self._handshake(conn, start_timeout) for conn in self.conns]
+        failed = next((info for kind, info in replies if kind != "ready"), None)
+        if failed is not None:
+            self.stop()
+            raise EngineStartError(failed)
+        self.info = replies[0][1]
+
+    def _handshake(self, conn, timeout: float) -> tuple[str, object]:
         deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.5):
+        while not conn.poll(0.5):
             if not self.proc.is_alive():
                 return "failed", f"the engine process exited with status {self.proc.exitcode} while starting"
             if time.monotonic() > deadline:
                 return "failed", f"the engine process did not start within {timeout:.0f} s"
         try:
-            return self._conn.recv()
+            return conn.recv()
         except EOFError:
             self.proc.join(5)
             return "failed", f"the engine process exited with status {self.proc.exitcode} while starting"
+
+
+class EngineClient:
+    def __init__(self, spec: EngineSpec | None = None, max_queue: int = 256, start_timeout: float = 1800.0, *,
+                 link: EngineLink | None = None):
+        """Spawn the engine process for spec and wait until it is ready (EngineStartError if it
+        cannot start); or, in an API-server process, talk to the engine process over link.
+        max_queue: sequences admitted beyond the engine's max_num_seqs before 429."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if link is None:
+            self._engine = EngineProcess(spec, 1, start_timeout)
+            self.proc, self._conn, info = self._engine.proc, self._engine.conns[0], self._engine.info
+            self._shared, self.front_ends = None, 1
+        else:
+            self._engine, self.proc, self._conn, info = None, None, link.conn, link.info
+            self._shared, self.front_ends = link.in_flight, link.front_ends
+        self.tokenizer, self.max_model_len, self.vocab = info["tokenizer"], info["max_model_len"], info["vocab"]
+        self.max_in_flight = info["max_num_seqs"] + max_queue
+        self.stats = {"running": 0, "waiting": 0, "kv_usage": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
+                      "steps": {}, "admission_window": 0.0}
+        self._in_flight = 0         # admitted, unfinished sequences (of every front end where shared)
+        self.draining = False
+        self.failed: str | None = None
+        self.on_events = None       # metrics hook: on_events([(GenRequest, Event)])
+        self.on_scrape = None       # metrics hook: on_scrape() -> this process's metrics (scrape())
+        self._reqs: dict[int, GenRequest] = {}
+        self._rids = itertools.count()
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._scrapes: dict[int, asyncio.Future] = {}
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # lists of commands
+        self._batch: list[tuple] = []   # commands of this loop iteration (event-loop thread)
+        self._parsing = self._parsing_sent = 0
+        self._sender = threading.Thread(target=self._send_loop, name="exactllm-engine-send", daemon=True)
+        self._sender.start()
 
     # ------------------------------------------------------------ lifetime
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -161,17 +195,24 @@ class EngineClient:
             self._loop = None
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the engine process (aborting what runs) and wait for it; idempotent. Call
-        detach() first if attached."""
-        if hasattr(self, "_outbox"):
-            self._outbox.put([("stop",)])
-            self._sender.join(timeout)
+        """Stop the engine process (aborting what runs) and wait for it; through a link, only
+        this front end's requests are aborted. Idempotent. Call detach() first if attached."""
+        self._outbox.put([("stop",)])
+        self._sender.join(timeout)
+        if self._engine is None:
+            self._conn.close()
+            return
         self.proc.join(timeout)
-        self._finalizer()
+        self._engine.stop()
 
     @property
     def alive(self) -> bool:
-        return self.failed is None and self.proc.is_alive()
+        return self.failed is None and (self.proc is None or self.proc.is_alive())
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted, unfinished sequences: of the whole server where front ends share the count."""
+        return self._in_flight if self._shared is None else self._shared.value
 
     # ------------------------------------------------------------ requests (event-loop thread)
     def encode(self, prompt: "str | list[int]") -> list[int]:
@@ -190,9 +231,15 @@ class EngineClient:
         """Reserve n sequence slots or raise Draining / Overloaded."""
         if self.draining or self.failed is not None:
             raise Draining()
-        if self.in_flight + n > self.max_in_flight:
-            raise Overloaded()
-        self.in_flight += n
+        if self._shared is None:
+            if self._in_flight + n > self.max_in_flight:
+                raise Overloaded()
+            self._in_flight += n
+            return
+        with self._shared.get_lock():
+            if self._shared.value + n > self.max_in_flight:
+                raise Overloaded()
+            self._shared.value += n
 
     def submit(self, req: GenRequest) -> None:
         req.rid = next(self._rids)
@@ -236,8 +283,23 @@ class EngineClient:
 
     def _release(self, req: GenRequest) -> None:
         req.done = True
-        self.in_flight -= 1
         self._reqs.pop(req.rid, None)
+        if self._shared is None:
+            self._in_flight -= 1
+            return
+        with self._shared.get_lock():
+            self._shared.value -= 1
+
+    async def scrape(self, timeout: float = 10.0) -> list:
+        """The metrics of the other front ends (their on_scrape()), gathered by the engine
+        process; self.stats is the engine's as of the answer. Event-loop thread."""
+        fut = self._loop.create_future()
+        self._scrapes[id(fut)] = fut
+        self._post(("scrape", id(fut)))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._scrapes.pop(id(fut), None)
 
     # ------------------------------------------------------------ inspection (tests; any other thread)
     def call(self, fn, *args, timeout: float = 60.0):
@@ -280,10 +342,20 @@ class EngineClient:
             self._engine_died()
 
     def _handle(self, msg) -> None:
-        if msg[0] == "reply":
+        kind = msg[0]
+        if kind == "reply":
             fut = self._calls.pop(msg[1], None)
             if fut is not None:
                 fut.set_result((msg[2], msg[3]))
+            return
+        if kind == "scrape":
+            self._post(("snap", msg[1], self.on_scrape() if self.on_scrape is not None else None))
+            return
+        if kind == "scraped":
+            self.stats = msg[3]
+            fut = self._scrapes.get(msg[1])
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
             return
         _, events, self.stats = msg
         now = time.perf_counter()
@@ -330,8 +402,11 @@ class EngineClient:
     def _engine_died(self) -> None:
         """The pipe closed under us: fail every request; /health reports it from now on."""
         self.detach()
-        self.proc.join(5)
-        self.failed = f"the engine process exited (status {self.proc.exitcode})"
+        if self.proc is None:
+            self.failed = "the engine process exited"
+        else:
+            self.proc.join(5)
+            self.failed = f"the engine process exited (status {self.proc.exitcode})"
         log.error("%s", self.failed)
         batch = []
         for req in list(self._reqs.values()):
@@ -341,14 +416,18 @@ class EngineClient:
             batch.append((req, ev))
         for fut in self._calls.values():
             fut.set_result((False, self.failed))
+        for fut in self._scrapes.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(self.failed))
         if self.on_events is not None and batch:
             self.on_events(batch)
 
 
-def _stop_process(proc, conn) -> None:
+def _stop_process(proc, conns) -> None:
     """Last resort (finalizer, interpreter exit): the engine process must not outlive us. It
     ignores SIGTERM (see engine_core.core_main), so what does not exit on EOF is killed."""
-    conn.close()  # the engine sees EOF and exits (unless it is still loading)
+    for conn in conns:
+        conn.close()  # the engine sees EOF on all and exits (unless it is still loading)
     proc.join(2)
     if proc.is_alive():
         proc.kill()

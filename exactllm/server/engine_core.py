@@ -3,23 +3,29 @@
 The HTTP process (FastAPI, uvicorn, tokenizer, JSON, SSE) and the engine share no interpreter
 lock: under 64 streams the HTTP side kept a single-process server's decode step ~35% slower
 than offline (bench/server_load.py on an H100, 2026-11-23). This process owns the engine;
-the HTTP process talks to it over one duplex pipe (engine_client.py):
+each HTTP process (one, or several with `exactllm serve --api-servers N`: front ends) talks
+to it over a duplex pipe of its own (engine_client.py); rids are per pipe:
 
   in:  a list of commands per message: ("add", rid, prompt ids, SamplingParams),
-       ("abort", rid), ("parsing", n) (requests the HTTP process is still turning into adds),
-       ("call", call id, fn, args) (fn(core, *args), for tests), ("stop",)
+       ("abort", rid), ("parsing", n) (requests that front end is still turning into adds),
+       ("call", call id, fn, args) (fn(core, *args), for tests), ("scrape", id) (the other
+       front ends' metrics, for /metrics), ("snap", key, metrics) (this front end's, asked
+       for by a scrape), ("stop",) (this front end is done: what it still runs is aborted)
   out: ("ready", info) or ("failed", message) once; then per loop iteration that did
        anything one ("out", events, stats) message, events being ("a", rid) accepted,
        ("e", rid, HTTP status, message), ("t", rid, new token ids, new log-probs or None,
-       finish reason or None, final text or None); and ("reply", call id, ok, value).
+       finish reason or None, final text or None); ("reply", call id, ok, value);
+       ("scrape", key) (send your metrics); ("scraped", id, [metrics of the others], stats).
 
 Requests reach the engine through Admission, which decides when held arrivals join the batch.
-The process exits when the pipe closes (the HTTP process went away, however it died) or, as a
-watchdog notices within a second, when its parent is gone.
+The process exits when every pipe has closed or said stop (the front ends went away, however
+they died) or, as a watchdog notices within a second, when its parent is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing.connection
 import os
 import signal
 import statistics
@@ -137,34 +143,47 @@ class Admission:
 
 
 class EngineCore:
-    """The step loop of the engine process (see the module docstring for the messages)."""
+    """The step loop of the engine process (see the module docstring for the messages).
 
-    def __init__(self, engine, conn, window: float | None = None):
-        self.engine, self.conn = engine, conn
+    conns: one pipe per front end; a request is known by (front end, its rid)."""
+
+    def __init__(self, engine, conns, window: float | None = None):
+        self.engine, self.conns = engine, list(conns)
+        self.open = dict.fromkeys(range(len(self.conns)))  # front ends still attached (ordered)
         self.admission = Admission(window, graphs=getattr(engine.runner, "graphs", None) is not None)
-        self.held: list[tuple] = []           # (rid, prompt ids, params), arrived, not yet added
-        self.active: dict[int, list] = {}      # seq_id -> [rid, seq, tokens already sent]
-        self.by_rid: dict[int, int] = {}       # rid -> seq_id
+        self.parsing = [0] * len(self.conns)  # each front end's count (Admission sees the sum)
+        self.held: list[tuple] = []           # (front end, rid, prompt ids, params), arrived, not yet added
+        self.active: dict[int, list] = {}      # seq_id -> [front end, rid, seq, tokens already sent]
+        self.by_rid: dict[tuple, int] = {}     # (front end, rid) -> seq_id
+        self.scrapes: dict[tuple, list] = {}   # (front end, id) -> [front ends still to answer, their metrics]
+        self.touched: set[int] = set()         # front ends that sent commands in this loop iteration
 
     def run(self) -> None:
         engine = self.engine
-        while True:
+        while self.open:
             busy = engine.has_work()
             timeout = 0.0 if busy else (self.admission.wait(time.monotonic(), False) if self.held else None)
-            out: list[tuple] = []
-            try:
-                changed = self._receive(timeout, out)
-            except EOFError:  # the HTTP process is gone
-                return
-            if changed is None:
-                return
+            out: list[list] = [[] for _ in self.conns]
+            self.touched = set()
+            changed = self._receive(timeout, out)
             if self.held and self._due():
                 self._admit(out)
             if engine.has_work():
                 self._step(out)
                 changed = True
-            if out or changed:
-                self.conn.send(("out", out, self.stats()))
+            if changed or any(out):
+                # A front end hears of every change only where it is the only one; several hear
+                # of their own requests (and get stats with them), /metrics asks (scrape).
+                stats, single = self.stats(), len(self.conns) == 1
+                for src in list(self.open):
+                    if out[src] or (changed and (single or src in self.touched)):
+                        self._send(src, ("out", out[src], stats))
+
+    def _send(self, src: int, msg) -> None:
+        try:
+            self.conns[src].send(msg)
+        except OSError:  # that front end is gone
+            self._detach(src)
 
     def _due(self) -> bool:
         busy = self.engine.has_work()
@@ -183,59 +202,118 @@ class EngineCore:
                 "generation_tokens": e.stats["generation_tokens"], "steps": self.admission.steps,
                 "admission_window": self.admission.window}
 
-    def _receive(self, timeout: float | None, out: list) -> bool | None:
-        """Apply every queued command, waiting up to timeout (None: for ever) for the first.
-        True if the engine's state changed, None when told to stop."""
+    def _receive(self, timeout: float | None, out: list) -> bool:
+        """Apply every queued command of every front end, waiting up to timeout (None: for ever)
+        for the first. True if the engine's state changed."""
         changed = False
-        while self.conn.poll(timeout):
+        while self.open:
+            ready = multiprocessing.connection.wait([self.conns[src] for src in self.open], timeout)
+            if not ready:
+                return changed
             timeout = 0.0
-            for cmd in self.conn.recv():
-                kind = cmd[0]
-                if kind == "add":
-                    self.admission.hold(time.monotonic(), first=not self.held)
-                    self.held.append(cmd[1:])
-                elif kind == "abort":
-                    changed |= self._abort(cmd[1])
-                elif kind == "parsing":
-                    self.admission.parsing = cmd[1]
-                elif kind == "call":
-                    self._call(*cmd[1:])
-                else:  # "stop"
-                    for seq_id in list(self.active):
-                        self.engine.abort(self.active.pop(seq_id)[1])
-                    return None
+            for conn in ready:
+                src = self.conns.index(conn)
+                self.touched.add(src)
+                try:
+                    cmds = conn.recv()
+                except (EOFError, OSError):  # that front end is gone
+                    changed |= self._detach(src)
+                    continue
+                changed |= self._apply(src, cmds, out)
         return changed
 
-    def _call(self, call_id: int, fn, args) -> None:
+    def _apply(self, src: int, cmds: list, out: list) -> bool:
+        changed = False
+        for cmd in cmds:
+            kind = cmd[0]
+            if kind == "add":
+                self.admission.hold(time.monotonic(), first=not self.held)
+                self.held.append((src, *cmd[1:]))
+            elif kind == "abort":
+                changed |= self._abort(src, cmd[1])
+            elif kind == "parsing":
+                self.parsing[src] = cmd[1]
+                self.admission.parsing = sum(self.parsing)
+            elif kind == "call":
+                self._call(src, *cmd[1:])
+            elif kind == "scrape":
+                self._scrape(src, cmd[1])
+            elif kind == "snap":
+                self._snap(src, cmd[1], cmd[2])
+            else:  # "stop"
+                return self._detach(src) or changed
+        return changed
+
+    def _detach(self, src: int) -> bool:
+        """A front end stopped or went away: abort its requests, forget its count; True if the
+        engine's state changed."""
+        if src not in self.open:
+            return False
+        del self.open[src]
+        with contextlib.suppress(OSError):
+            self.conns[src].close()
+        self.parsing[src] = 0
+        self.admission.parsing = sum(self.parsing)
+        self.held = [h for h in self.held if h[0] != src]
+        mine = [key for key in self.by_rid if key[0] == src]
+        for key in mine:
+            self._abort(*key)
+        for key in list(self.scrapes):  # it will not answer a scrape any more, nor hear one
+            self._snap(src, key, None)
+        return bool(mine)
+
+    def _call(self, src: int, call_id: int, fn, args) -> None:
         try:
             reply = ("reply", call_id, True, fn(self, *args))
         except Exception as exc:
             reply = ("reply", call_id, False, f"{type(exc).__name__}: {exc}")
-        self.conn.send(reply)
+        self._send(src, reply)
 
-    def _abort(self, rid: int) -> bool:
-        seq_id = self.by_rid.pop(rid, None)
+    def _scrape(self, src: int, scrape_id: int) -> None:
+        """Front end src serves /metrics: ask every other front end for its metrics."""
+        key = (src, scrape_id)
+        others = [s for s in self.open if s != src]
+        self.scrapes[key] = [set(others), []]
+        for s in others:
+            self._send(s, ("scrape", key))
+        self._snap(None, key, None)
+
+    def _snap(self, src: int | None, key: tuple, metrics) -> None:
+        """src's answer to a scrape (None: no answer, it went away); answer the scrape once all did."""
+        entry = self.scrapes.get(key)
+        if entry is None:
+            return
+        entry[0].discard(src)
+        if metrics is not None:
+            entry[1].append(metrics)
+        if not entry[0]:
+            del self.scrapes[key]
+            if key[0] in self.open:
+                self._send(key[0], ("scraped", key[1], entry[1], self.stats()))
+
+    def _abort(self, src: int, rid: int) -> bool:
+        seq_id = self.by_rid.pop((src, rid), None)
         if seq_id is None:
-            self.held = [h for h in self.held if h[0] != rid]
+            self.held = [h for h in self.held if h[:2] != (src, rid)]
             return False
-        self.engine.abort(self.active.pop(seq_id)[1])
+        self.engine.abort(self.active.pop(seq_id)[2])
         return True
 
     def _admit(self, out: list) -> None:
         """Add every held request, so that their prompts are computed in one step."""
-        for rid, ids, params in self.held:
+        for src, rid, ids, params in self.held:
             try:
                 seq = self.engine.add_request(ids, params)
             except ValueError as exc:
-                out.append(("e", rid, 400, str(exc)))
+                out[src].append(("e", rid, 400, str(exc)))
                 continue
             except Exception as exc:
                 log.exception("could not add a request")
-                out.append(("e", rid, 500, f"{type(exc).__name__}: {exc}"))
+                out[src].append(("e", rid, 500, f"{type(exc).__name__}: {exc}"))
                 continue
-            self.active[seq.seq_id] = [rid, seq, 0]
-            self.by_rid[rid] = seq.seq_id
-            out.append(("a", rid))
+            self.active[seq.seq_id] = [src, rid, seq, 0]
+            self.by_rid[(src, rid)] = seq.seq_id
+            out[src].append(("a", rid))
         self.held.clear()
 
     def _step(self, out: list) -> None:
@@ -248,9 +326,9 @@ class EngineCore:
         except Exception as exc:  # a bug or a device fault: fail what is running, keep serving
             log.exception("engine step failed")
             message = f"engine error: {type(exc).__name__}: {exc}"
-            for rid, seq, _ in self.active.values():
+            for src, rid, seq, _ in self.active.values():
                 engine.abort(seq)
-                out.append(("e", rid, 500, message))
+                out[src].append(("e", rid, 500, message))
             self.active.clear()
             self.by_rid.clear()
             return
@@ -261,29 +339,35 @@ class EngineCore:
             entry = self.active.get(s.seq_id)
             if entry is None:
                 continue
-            rid, _, sent = entry
+            src, rid, _, sent = entry
             toks = s.output_token_ids[sent:]
-            entry[2] = sent + len(toks)
+            entry[3] = sent + len(toks)
             lps = s.logprobs[sent:] if s.params.logprobs else None
             if s.finished:
-                out.append(("t", rid, toks, lps, s.finish_reason, s.text))
+                out[src].append(("t", rid, toks, lps, s.finish_reason, s.text))
                 del self.active[s.seq_id]
-                del self.by_rid[rid]
+                del self.by_rid[(src, rid)]
             else:
-                out.append(("t", rid, toks, lps, None, None))
+                out[src].append(("t", rid, toks, lps, None, None))
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(3)  # the HTTP process died: nobody will read what this process makes
+def exit_with_parent(parent_pid: int) -> None:
+    """A watchdog thread: exit this process within a second of its parent's end (however the
+    parent died, nobody would read what this process makes)."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exactllm-parent-watch", daemon=True).start()
 
 
-def core_main(spec: EngineSpec, conn, parent_pid: int) -> None:
-    """Entry point of the engine process."""
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="exactllm-parent-watch", daemon=True).start()
+def core_main(spec: EngineSpec, conns: list, parent_pid: int) -> None:
+    """Entry point of the engine process; conns: one pipe per front end."""
+    exit_with_parent(parent_pid)
     # A terminal's Ctrl-C or a service manager's SIGTERM reaches the whole process group: the HTTP
-    # process drains, and this one keeps stepping until told to stop (or its pipe closes). A
+    # processes drain, and this one keeps stepping until told to stop (or its pipes close). A
     # no-op handler, not SIG_IGN, so that processes it starts (tensor-parallel ranks) keep the defaults.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
@@ -306,25 +390,18 @@ def core_main(spec: EngineSpec, conn, parent_pid: int) -> None:
             spec.setup(engine)
     except BaseException as exc:
         log.debug("engine start-up failed\n%s", traceback.format_exc())
-        try:
-            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
-    conn.send(("ready", {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
-                         "vocab": engine.model_config.vocab, "max_num_seqs": engine.cfg.max_num_seqs}))
+    info = {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
+            "vocab": engine.model_config.vocab, "max_num_seqs": engine.cfg.max_num_seqs}
+    for conn in conns:
+        conn.send(("ready", info))
     # The step loop runs on a thread of its own: on a busy 2-core machine, torch's CPU ops driven
     # from the main thread took ~10x longer per step than from another thread (2026-11-23; the
     # offline baseline of bench/server_load.py runs on a worker thread for the same reason).
-    loop = threading.Thread(target=_run, args=(EngineCore(engine, conn, spec.admission_window),),
-                            name="exactllm-engine-loop")
+    loop = threading.Thread(target=EngineCore(engine, conns, spec.admission_window).run, name="exactllm-engine-loop")
     loop.start()
     loop.join()
     llm.close()
-
-
-def _run(core: EngineCore) -> None:
-    try:
-        core.run()
-    except (BrokenPipeError, ConnectionResetError):  # the HTTP process is gone
-        pass

@@ -1,7 +1,8 @@
 """Prometheus text exposition (format 0.0.4) for the server's counters, gauges and histograms.
 
 Small enough to write here rather than add a dependency. Every update happens on the asyncio
-event-loop thread, so no locking is needed.
+event-loop thread, so no locking is needed. With several API-server processes, each keeps its
+own counters and histograms; /metrics renders them summed with the others' (snapshot()/render()).
 """
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ class Counter:
     def get(self, **labels) -> float:
         return self.values.get(tuple(sorted(labels.items())), 0.0)
 
+    def state(self) -> dict:
+        return dict(self.values)
+
+    def merged(self, states: list) -> "Counter":
+        out = Counter(self.name, self.help)
+        for values in [self.values, *states]:
+            for key, v in values.items():
+                out.values[key] = out.values.get(key, 0.0) + v
+        return out
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         for key, v in sorted(self.values.items()):
@@ -67,6 +78,17 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
+
+    def state(self) -> tuple:
+        return list(self.counts), self.sum, self.count
+
+    def merged(self, states: list) -> "Histogram":
+        out = Histogram(self.name, self.help, self.buckets)
+        for counts, total, count in [self.state(), *states]:
+            out.counts = [a + b for a, b in zip(out.counts, counts)]
+            out.sum += total
+            out.count += count
+        return out
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
@@ -115,8 +137,15 @@ class ServerMetrics:
             self.ttft, self.itl, self.e2e,
         ]
 
-    def render(self) -> str:
-        return "\n".join(line for s in self._series for line in s.render()) + "\n"
+    def snapshot(self) -> dict:
+        """This process's own series (counters, histograms), to be summed by another's render()."""
+        return {s.name: s.state() for s in self._series if hasattr(s, "state")}
+
+    def render(self, others: list[dict] = ()) -> str:
+        """The text exposition, this process's series summed with the snapshots of others."""
+        series = [s.merged([o[s.name] for o in others]) if others and hasattr(s, "state") else s
+                  for s in self._series]
+        return "\n".join(line for s in series for line in s.render()) + "\n"
 
 
 class _CounterFn(Gauge):
