@@ -1,8 +1,9 @@
 """GPU check of the fused decode kernels at TinyLlama sizes (the CPU tests run them only under
 the interpreter): each against its torch reference on fresh random inputs (the qkv GEMV with RoPE +
-KV write in its epilogue also against the unfused GEMV + RoPE kernels, bit for bit), and the fast-mode
-decode attention, whose split programs merge through an arrival counter, launched many times
-on the same input: every launch must give the same bits (a lost or early merge would not).
+KV write in its epilogue also against the unfused GEMV + RoPE kernels, bit for bit; the gate/up GEMV
+with SwiGLU in its epilogue against the GEMV + SwiGLU kernel, likewise), and the fast-mode decode
+attention, whose split programs merge through an arrival counter, launched many times on the same
+input: every launch must give the same bits (a lost or early merge would not).
 
   PYTHONPATH=. python bench/decode_fusion_gpu.py --out bench/results
 Writes decode_fusion_gpu.json; exits 1 if a check fails.
@@ -16,7 +17,8 @@ import sys
 
 import torch
 
-from exactllm.kernels import activation, activation_triton, attention, attention_triton, gemv_triton, rope, rope_triton
+from exactllm.kernels import activation, activation_triton, attention, attention_triton, gemv, gemv_triton
+from exactllm.kernels import rope, rope_triton
 from exactllm.kernels import sampling, sampling_triton
 
 DEV = "cuda"
@@ -64,6 +66,19 @@ def check_qkv_rope(gen, M, hidden=2048, hq=32, hkv=4, d=64) -> dict:
     return {"M": M, "qkv_same_bits_as_unfused": bool(torch.equal(y, qkv)),
             "caches_same_bits_as_unfused": all(torch.equal(a, b) for a, b in zip(fused_c, unfused_c)),
             "rel_vs_f64": rel(y, ref), "k_cache_rel_vs_f64": rel(fused_c[0], ref_c[0])}
+
+
+def check_swiglu_gemv(gen, M, hidden=2048, ffn=5632) -> dict:
+    """norm_gemv_swiglu vs norm_gemv then silu_mul (bits) and vs the float64 reference (rel. error)."""
+    x, r = (torch.randn(M, hidden, generator=gen, device=DEV).to(DT) for _ in range(2))
+    w = (torch.randn(2 * ffn, hidden, generator=gen, device=DEV) / hidden ** 0.5).to(DT)
+    nw = 1.0 + 0.1 * torch.randn(hidden, generator=gen, device=DEV)
+    h, res = gemv_triton.norm_gemv_swiglu(x, r, nw, 1e-5, w)
+    gate_up, res_unfused = gemv_triton.norm_gemv(x, r, nw, 1e-5, w)
+    unfused = activation_triton.silu_mul(*gate_up.chunk(2, dim=-1))
+    ref, _ = gemv.norm_gemv_swiglu_ref(x.double(), r.double(), nw, 1e-5, w.double())
+    return {"M": M, "same_bits_as_unfused": bool(torch.equal(h, unfused)) and bool(torch.equal(res, res_unfused)),
+            "rel_vs_f64": rel(h, ref)}
 
 
 def check_attention(gen, B, max_ctx=2048, hq=32, hkv=4, d=64, page=16, launches=100) -> dict:
@@ -114,11 +129,13 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(),
            "rope_kv": [check_rope_kv(gen, T) for T in (1, 64, 4096)],
            "qkv_rope_gemv": [check_qkv_rope(gen, M) for M in (1, 2, 8)],
+           "swiglu_gemv": [check_swiglu_gemv(gen, M) for M in (1, 2, 8)],
            "attention_fast_decode": [check_attention(cpu_gen, B) for B in (1, 8, 64, 256)],
            "greedy_pick": [check_pick(gen, S) for S in (1, 64)],
            "silu_mul": [check_silu(gen, M) for M in (1, 64)]}
     ok = (all(r["q_rel"] < 1e-2 and r["k_cache_rel"] < 1e-2 and r["v_cache_equal"] for r in res["rope_kv"])
           and all(r["rel_vs_f64"] < 1e-2 and r["k_cache_rel_vs_f64"] < 1e-2 for r in res["qkv_rope_gemv"])
+          and all(r["same_bits_as_unfused"] and r["rel_vs_f64"] < 1e-2 for r in res["swiglu_gemv"])
           and all(r["rel_vs_f64"] < 1e-2 and r["same_bits_over_launches"] and r["counters_zero"]
                   for r in res["attention_fast_decode"])
           and all(r["tokens_equal"] and r["max_abs_lp_err"] < 1e-4 and r["given_logprobs_bitwise"] for r in res["greedy_pick"])

@@ -106,6 +106,41 @@ def test_silu_gemv_on_the_halves_of_one_gate_up_output(M):
         assert rel(y, unfused) <= 2 * BOUND[DT], f"fused vs SwiGLU kernel + GEMV (seed {seed})"
 
 
+@pytest.mark.parametrize("M,with_residual", [(1, False), (11, True)])
+def test_norm_gemv_swiglu_equals_the_unfused_kernels_and_matches_the_reference(M, with_residual):
+    """SwiGLU in the gate/up GEMV's epilogue (w = [gate; up], N / 2 = 20 outputs: no multiple of the
+    8 outputs of a BLOCK_N 16 program): the bits of norm_gemv with the same config then the SwiGLU
+    kernel on its halves; the float64 bound (roundings of gate, up and the output); the same
+    residual stream as the reference, bitwise."""
+    gen, seed = fresh_gen()
+    x, r, w, nw = inputs(gen, M)
+    residual = r if with_residual else None
+    F = N // 2
+    ref, ref_res = gemv.norm_gemv_swiglu_ref(x, residual, nw, EPS, w)
+    s = (x.float() + r.float()).to(DT) if with_residual else x
+    gate_up64 = norm64(s, nw) @ w.double().T
+    g64, u64 = gate_up64[:, :F], gate_up64[:, F:]
+    h64 = g64 * torch.sigmoid(g64) * u64
+    assert rel(ref, h64) <= BOUND[DT], f"reference (seed {seed})"
+    for c in CONFIGS:
+        h, res = gemv_triton.norm_gemv_swiglu(x, residual, nw, EPS, w, c, out=poison((M, F), DT))
+        assert rel(h, h64) <= BOUND[DT], f"kernel off (seed {seed})"
+        assert rel(h, ref) <= 2 * BOUND[DT], f"kernel vs reference (seed {seed})"
+        assert torch.equal(res, ref_res), f"residual stream (seed {seed})"
+        gate_up, _ = gemv_triton.norm_gemv(x, residual, nw, EPS, w, c)
+        unfused = activation_triton.silu_mul(*gate_up.chunk(2, dim=-1))
+        assert torch.equal(h, unfused), f"epilogue vs GEMV + SwiGLU kernel, config {c} (seed {seed})"
+
+
+def test_swiglu_epilogue_refuses_odd_row_blocks_and_odd_weights():
+    gen, _ = fresh_gen()
+    x, r, w, nw = inputs(gen, 1)
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        gemv_triton.norm_gemv_swiglu(x, r, nw, EPS, w, (3, 64, 2, 1))
+    with pytest.raises(ValueError, match="even"):
+        gemv_triton.norm_gemv_swiglu(x, r, nw, EPS, w[:-1])
+
+
 def mlp_weights(gen, hidden, ffn, dtype):
     return {f"blk.0.ffn_{n}.weight": (torch.randn(*shape, generator=gen) / shape[1] ** 0.5).to(dtype)
             for n, shape in (("gate", (ffn, hidden)), ("up", (ffn, hidden)), ("down", (hidden, ffn)))}
@@ -114,7 +149,7 @@ def mlp_weights(gen, hidden, ffn, dtype):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the calls into gemv_triton's entry points."""
-    counts = {"gemv": 0, "norm_gemv": 0, "silu_gemv": 0, "norm_gemv_rope_kv": 0}
+    counts = {"gemv": 0, "norm_gemv": 0, "silu_gemv": 0, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 0}
     for name in counts:
         real = getattr(gemv_triton, name)
 
@@ -127,9 +162,11 @@ def calls(monkeypatch):
 
 @pytest.fixture
 def gemv_everywhere(monkeypatch):
-    """The fast-mode CUDA policy with our GEMV for every few-row dense linear, SwiGLU fused too."""
+    """The fast-mode CUDA policy with our GEMV for every few-row dense linear, SwiGLU fused too (in
+    the down projection's prologue: the gate/up epilogue of Ops.norm_mlp off)."""
     monkeypatch.setattr(ops_module, "GEMV_MAX_M", 8)
     monkeypatch.setattr(ops_module, "GEMV_SWIGLU", True)
+    monkeypatch.setattr(ops_module, "GEMV_SWIGLU_EPILOGUE", False)
 
 
 @pytest.mark.parametrize("M", [1, 3])
@@ -145,7 +182,7 @@ def test_fast_cuda_mlp_runs_fused_and_agrees_with_the_unfused_cpu_ops(M, calls, 
     fused = MLP(weights, "blk.0", Ops("cuda", Numerics("fast")), TPContext())
     plain = MLP(weights, "blk.0", Ops("cpu", Numerics("fast")), TPContext())
     y, res = fused.forward_norm(x, r, nw, EPS)
-    assert calls == {"gemv": 0, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0}
+    assert calls == {"gemv": 0, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 0}
     y_ref, res_ref = plain.forward_norm(x, r, nw, EPS)
     assert torch.equal(res, res_ref)
     s = (x.float() + r.float()).to(DT).double()
@@ -155,6 +192,32 @@ def test_fast_cuda_mlp_runs_fused_and_agrees_with_the_unfused_cpu_ops(M, calls, 
     # two chained linears and three roundings of intermediates: twice the one-linear bound
     assert rel(y_ref, y64) <= 2 * BOUND[DT], f"cpu ops (seed {seed})"
     assert rel(y, y64) <= 2 * BOUND[DT], f"fused cuda ops (seed {seed})"
+
+
+@pytest.mark.parametrize("M", [2])
+def test_fast_cuda_norm_mlp_runs_swiglu_in_the_gate_up_epilogue(M, calls, monkeypatch):
+    """Ops.norm_mlp for CUDA in fast mode (CPU tensors through the interpreter) runs the norm, gate/up
+    and SwiGLU as one GEMV (norm_gemv_swiglu) and the down projection as a plain GEMV, with the bits
+    of its unfused fast path (GEMV_SWIGLU_EPILOGUE off: norm GEMV, SwiGLU kernel, GEMV) and within
+    the bound of the CPU ops (norm, linears and SwiGLU separately)."""
+    monkeypatch.setattr(ops_module, "GEMV_MAX_M", 8)
+    gen, seed = fresh_gen()
+    hidden, ffn = 256, 320
+    wt = mlp_weights(gen, hidden, ffn, DT)
+    w_gate_up = torch.cat((wt["blk.0.ffn_gate.weight"], wt["blk.0.ffn_up.weight"]))
+    w_down = wt["blk.0.ffn_down.weight"]
+    x, r = torch.randn(M, hidden, generator=gen).to(DT), torch.randn(M, hidden, generator=gen).to(DT)
+    nw = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
+    fast = Ops("cuda", Numerics("fast"))
+    y, res = fast.norm_mlp(x, r, nw, EPS, w_gate_up, w_down, TPContext())
+    assert calls == {"gemv": 1, "norm_gemv": 0, "silu_gemv": 0, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 1}
+    monkeypatch.setattr(ops_module, "GEMV_SWIGLU_EPILOGUE", False)
+    y_unfused, res_unfused = fast.norm_mlp(x, r, nw, EPS, w_gate_up, w_down, TPContext())
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 0, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 1}
+    assert torch.equal(y, y_unfused) and torch.equal(res, res_unfused), f"seed {seed}"
+    y_cpu, res_cpu = Ops("cpu", Numerics("fast")).norm_mlp(x, r, nw, EPS, w_gate_up, w_down, TPContext())
+    assert torch.equal(res, res_cpu)
+    assert rel(y, y_cpu) <= 2 * BOUND[DT], f"seed {seed}"
 
 
 def test_gemv_is_used_only_in_fast_mode_for_few_rows_of_16_bit_dense_weights(calls, monkeypatch):
@@ -169,16 +232,16 @@ def test_gemv_is_used_only_in_fast_mode_for_few_rows_of_16_bit_dense_weights(cal
     fast.linear(x(m), w)
     monkeypatch.setattr(ops_module, "GEMV_SWIGLU", False)
     fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())  # SwiGLU kernel + GEMV
-    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 0, "norm_gemv_rope_kv": 0}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 0, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 0}
     monkeypatch.setattr(ops_module, "GEMV_SWIGLU", True)
     fast.swiglu_linear(torch.randn(m, 128, generator=gen).to(DT), w, TPContext())
-    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 0}
     inv.linear(x(1), w)  # invariant: the fixed-tile GEMM
     inv.norm_linear(x(1), None, torch.ones(64), EPS, w)
     fast.linear(x(m + 1), w)  # too many rows
     fast.norm_linear(x(m + 1), None, torch.ones(64), EPS, w)
     fast.linear(x(1, torch.float32), w.float())  # float32
-    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0}
+    assert calls == {"gemv": 2, "norm_gemv": 1, "silu_gemv": 1, "norm_gemv_rope_kv": 0, "norm_gemv_swiglu": 0}
 
 
 # qkv with RoPE + KV write: 3 q heads and 1 kv head of 16 (N = 80 rows), K = 96; 24 cache slots.

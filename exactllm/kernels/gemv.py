@@ -6,6 +6,8 @@ is dequantized to float32 first), same signatures.
 - norm_gemv_ref: RMSNorm (with the residual add when ``residual`` is given) then the linear;
   returns the linear's output and the new residual stream (x itself when ``residual`` is None).
 - silu_gemv_ref: SwiGLU silu(gate) * up then the linear (the MLP's down projection).
+- norm_gemv_swiglu_ref: norm_gemv_ref of the gate/up projection (w = [gate; up]), then SwiGLU of its
+  two halves (the MLP's first half, the SwiGLU after the linear instead of before the next one).
 
 Each intermediate is rounded to the activation dtype exactly where the unfused ops round it
 (rmsnorm_ref, silu_mul_ref), so the fused kernels compute the same inputs to the product.
@@ -35,3 +37,10 @@ def norm_gemv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
 
 def silu_gemv_ref(gate: torch.Tensor, up: torch.Tensor, w) -> torch.Tensor:
     return gemv_ref(silu_mul_ref(gate, up), w)
+
+
+def norm_gemv_swiglu_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                         w) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_up, residual = norm_gemv_ref(x, residual, norm_weight, eps, w)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return silu_mul_ref(gate, up), residual

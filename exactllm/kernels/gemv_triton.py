@@ -9,6 +9,8 @@ Same signatures and rounding points as kernels/gemv.py:
 - silu_gemv(gate, up, w): SwiGLU in the prologue of the down projection (no silu_mul kernel).
 - norm_gemv_rope_kv(..., rope_kv): norm_gemv of the qkv projection with RoPE and the KV-cache
   write in its epilogue (reference: rope.norm_gemv_rope_kv_ref), so no RoPE kernel either.
+- norm_gemv_swiglu(x, residual, norm_weight, eps, w): norm_gemv of the gate/up projection with the
+  SwiGLU in its epilogue (a program owns gate row j and up row j), so no SwiGLU kernel.
 
 Why: at M = 1 a decode linear reads 8-131 MB of weights once, so its floor is bytes / 2.9 TB/s
 (3-45 us on an H100); cuBLAS reaches ~50% of it on the 2048-row matrices and needs a second kernel
@@ -123,14 +125,20 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
                  pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, q_width, kv_width,
                  stride_c, stride_cslot, stride_ch,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ROPE_KV: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+                 ROPE_KV: tl.constexpr, HEAD_DIM: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)[:, None, None]
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :, None]
+    if SWIGLU:  # weight rows [gate j, up j] pairs for the BLOCK_N // 2 outputs j of this program
+        half = N // 2
+        j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        offs_n = (j + (tl.arange(0, BLOCK_N) % 2) * half).to(tl.int64)[None, :, None]
+        mask_n = (j < half)[None, :, None]
+    else:
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :, None]
+        mask_n = offs_n < N
     ks = tl.arange(0, BLOCK_K)[None, None, :]
     mask_m = offs_m < M
-    mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
     r_rows = r_ptr + offs_m.to(tl.int64) * stride_rm
     ro_rows = ro_ptr + offs_m.to(tl.int64) * stride_om
@@ -160,11 +168,18 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, ro_ptr, M, N, K,
         w = w_next
     y = tl.sum(acc, axis=2).to(dt)
     rows = m0 + tl.arange(0, BLOCK_M)[:, None]
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if ROPE_KV:
-        y = _rope_kv_epilogue(y, rope_c, rope_s, slot, rows, pid_n * BLOCK_N, M, q_width, kv_width, kc_ptr, vc_ptr,
-                              stride_cslot, stride_ch, BLOCK_N, HEAD_DIM)
-    tl.store(y_ptr + rows.to(tl.int64) * stride_ym + cols, y, mask=(rows < M) & (cols < N))
+    if SWIGLU:  # silu(gate) * up of the rounded gate and up outputs, as activation_triton.silu_mul
+        g, u = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+        g = g.to(tl.float32)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
+        tl.store(y_ptr + rows.to(tl.int64) * stride_ym + cols, (g / (1.0 + tl.exp(-g)) * u.to(tl.float32)).to(dt),
+                 mask=(rows < M) & (cols < N // 2))
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        if ROPE_KV:
+            y = _rope_kv_epilogue(y, rope_c, rope_s, slot, rows, pid_n * BLOCK_N, M, q_width, kv_width, kc_ptr,
+                                  vc_ptr, stride_cslot, stride_ch, BLOCK_N, HEAD_DIM)
+        tl.store(y_ptr + rows.to(tl.int64) * stride_ym + cols, y, mask=(rows < M) & (cols < N))
 
 
 @dataclass(frozen=True)
@@ -205,27 +220,33 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(prologue: int, x, r, nw, w, eps: float, config: tuple | None, out, residual_out, rope_kv=None):
+def _launch(prologue: int, x, r, nw, w, eps: float, config: tuple | None, out, residual_out, rope_kv=None,
+            swiglu: bool = False):
     """y = prologue(x, r) @ w.T into ``out`` (and x + r into ``residual_out`` for NORM_ADD);
-    ``rope_kv`` (RopeKV): the rope_kv epilogue on y's q/k/v rows."""
+    ``rope_kv`` (RopeKV): the rope_kv epilogue on y's q/k/v rows; ``swiglu``: w is [gate; up]
+    (halves of N / 2 rows) and y = silu(gate) * up [M, N / 2]."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K or w.stride(1) != 1:
         raise ValueError(f"weight {tuple(w.shape)} (contiguous rows) does not match x {tuple(x.shape)}")
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    if swiglu and N % 2:
+        raise ValueError(f"a [gate; up] weight has an even number of rows, not {N}")
+    y = torch.empty(M, N // 2 if swiglu else N, dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return y
     block_m = _block_m(M)
     bn, bk, warps, stages = CONFIGS[block_m] if config is None else config
+    if swiglu and bn % 2:
+        raise ValueError(f"BLOCK_N {bn} must be even: a program owns gate/up row pairs")
     ro = residual_out if residual_out is not None else y
     use_pdl = pdl.enabled(x.device)
     if rope_kv is not None:
         rope_kv.check(y, bn)
     epilogue_args = rope_kv.kernel_args() if rope_kv is not None else (y,) * 6 + (0,) * 5
-    _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, block_m))](
+    _gemv_kernel[(triton.cdiv(N // 2, bn // 2) if swiglu else triton.cdiv(N, bn), triton.cdiv(M, block_m))](
         x, r, nw, w, y, ro, M, N, K, x.stride(0), r.stride(0), w.stride(0), y.stride(0), ro.stride(0), eps,
         *epilogue_args, PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, ROPE_KV=rope_kv is not None,
-        HEAD_DIM=rope_kv.head_dim if rope_kv is not None else 0, PDL=use_pdl,
+        HEAD_DIM=rope_kv.head_dim if rope_kv is not None else 0, SWIGLU=swiglu, PDL=use_pdl,
         num_warps=warps, num_stages=stages, **pdl.launch_kwargs(use_pdl))
     return y
 
@@ -276,3 +297,14 @@ def norm_gemv_rope_kv(x: torch.Tensor, residual: torch.Tensor | None, norm_weigh
     stores rotated k and v at their cache slots. The rotation runs in the GEMV's epilogue (pairs of
     adjacent output rows sit in one program), so no RoPE kernel is launched."""
     return _DENSE.norm_gemv(x, residual, norm_weight, eps, w, config, out, rope_kv=rope_kv)
+
+
+def norm_gemv_swiglu(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     w: torch.Tensor, config: tuple | None = None,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``gemv.norm_gemv_swiglu_ref``: ``norm_gemv`` of the gate/up projection (w = [gate; up]),
+    then silu(gate) * up: returns ([M, N / 2], the new residual stream). A program owns pairs of
+    gate row j and up row j, so the SwiGLU runs in its epilogue on the rounded outputs, each
+    activation computed once (a SwiGLU prologue in the down projection recomputes all of them in
+    each of its programs); no SwiGLU kernel, and gate/up is never written."""
+    return _DENSE.norm_gemv(x, residual, norm_weight, eps, w, config, out, swiglu=True)
