@@ -46,6 +46,10 @@ QGEMV_SWIGLU = False
 # RoPE and the KV-cache write in the epilogue of the qkv GEMV (no RoPE kernel in the decode step):
 # BF16 batch-1 graph step 1,141 -> 1,104 us on the H100 (bench/ab_step.py, ab_step_s5_rope_pdl2.json).
 GEMV_ROPE = True
+# SwiGLU in the epilogue of the gate/up GEMV (norm_mlp; no SwiGLU kernel, gate/up never written):
+# each activation is computed once there, where the prologue of GEMV_SWIGLU recomputes all of them
+# in each of the down projection's 512 programs.
+GEMV_SWIGLU_EPILOGUE = True
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,18 @@ class Ops:
         qkv, residual = self.norm_linear(x, residual, norm_weight, eps, w)
         q, k, v = (part.view(t, -1, head_dim) for part in qkv.split((q_width, kv_width, kv_width), dim=-1))
         return self.rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping), residual
+
+    def norm_mlp(self, x, residual, norm_weight, eps, w_gate_up, w_down, tp: TPContext):
+        """The MLP after an RMSNorm: ``swiglu_linear(norm_linear(x, residual, ..., w_gate_up), w_down)``
+        and the new residual stream; where our GEMV runs on a dense [gate; up] weight, the norm and
+        the SwiGLU go into the gate/up GEMV (GEMV_SWIGLU_EPILOGUE) and the down projection reads
+        its output."""
+        if GEMV_SWIGLU_EPILOGUE and self._gemv(x, w_gate_up):
+            from exactllm.kernels import gemv_triton
+            h, residual = gemv_triton.norm_gemv_swiglu(x, residual, norm_weight, eps, w_gate_up)
+            return self.row_parallel_linear(h, w_down, tp), residual
+        gate_up, residual = self.norm_linear(x, residual, norm_weight, eps, w_gate_up)
+        return self.swiglu_linear(gate_up, w_down, tp), residual
 
     def swiglu_linear(self, gate_up, w, tp: TPContext):
         """Row-parallel down projection of silu(gate) * up, gate and up the two halves of gate_up;
