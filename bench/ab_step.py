@@ -40,13 +40,15 @@ print("RESULT", json.dumps({"graph_step_us": graph_step_seconds(llm) * 1e6, "tok
 """
 
 
-def run_child(tree: str, model: str, a) -> dict:
+def run_child(tree: str, model: str, a) -> dict | None:
+    """One process's result, or None (its error printed) when it failed: the other trees still run."""
     env = dict(os.environ, PYTHONPATH=tree)
     proc = subprocess.run([sys.executable, "-c", CHILD, model, str(a.prompt_len), str(a.gen)], cwd=tree, env=env,
                           capture_output=True, text=True)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
-        raise RuntimeError(f"{tree} {model} failed:\n{proc.stderr[-3000:]}")
+        print(f"{tree} {model} failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
     return json.loads(line[0][7:])
 
 
@@ -64,19 +66,27 @@ def main() -> None:
     report = {"argv": sys.argv, "trees": trees, "models": {}}
     for model in a.models.split(","):
         runs = {tree: [] for tree in trees}
+        failed = set()
         for r in range(a.rounds):
             for tree in trees:
-                runs[tree].append(run_child(tree, model, a))
-                got = runs[tree][-1]
-                same = (got["tokens"], got["logprobs"]) == (runs[trees[0]][0]["tokens"], runs[trees[0]][0]["logprobs"])
+                got = None if tree in failed else run_child(tree, model, a)
+                if got is None:
+                    failed.add(tree)
+                    continue
+                runs[tree].append(got)
+                first = runs[trees[0]][0] if runs[trees[0]] else None
+                same = first is not None and (got["tokens"], got["logprobs"]) == (first["tokens"], first["logprobs"])
                 got["same_bits_as_baseline"] = same
                 print(f"{model} round {r} {tree}: graph step {got['graph_step_us']:.1f} us, "
                       f"{got['tokens_per_s']:.0f} tok/s, same bits as baseline: {same}", flush=True)
+        ok = [tree for tree in trees if runs[tree]]
         med = {tree: {k: statistics.median(x[k] for x in runs[tree]) for k in ("graph_step_us", "tokens_per_s")}
-               for tree in trees}
-        report["models"][model] = {"runs": runs, "median": med}
+               for tree in ok}
+        report["models"][model] = {"runs": runs, "median": med, "failed": sorted(failed)}
+        if trees[0] not in med:
+            continue
         base = med[trees[0]]
-        for tree in trees:
+        for tree in ok:
             m = med[tree]
             print(f"{model:40s} {tree:24s} graph step {m['graph_step_us']:7.0f} us "
                   f"({m['graph_step_us'] / base['graph_step_us']:.3f}x)  {m['tokens_per_s']:7.0f} tok/s "
