@@ -3,7 +3,7 @@ and the server's overhead against offline LLM.generate on the same work.
 
     PYTHONPATH=. python bench/server_load.py [--model random:tinyllama-1.1b] [--device cuda] \
         [--concurrency 1 8 64] [--rounds 3] [--max-tokens 8] [--client-procs 8] [--client-check] \
-        [--serve-args="--admission-window-ms 20"]
+        [--serve-args="--admission-window-ms 20"] [--variant "one=" --variant "api4=--api-servers 4"]
 
 Each level runs C closed-loop clients, each sending `rounds` streaming requests one after
 another (greedy, ignore_eos, exactly max_tokens tokens each), spread over --client-procs load
@@ -15,7 +15,11 @@ offline engine (in this process) runs. Before each level both sides run one unti
 level's batch sizes, kernels). Server and offline runs alternate `--repeats` times per level and
 the fastest wall time of each is compared, so that load from other processes on a shared
 machine biases neither side; latency percentiles pool all repeats. The server's own step
-counters (/metrics) show how its time splits into prompt and decode steps.
+counters (/metrics) show how its time splits into prompt and decode steps; the CPU seconds of
+its processes (HTTP front ends, engine) and of the load generator show who was busy.
+--variant LABEL=FLAGS (repeatable) runs one server per variant (more `exactllm serve` flags
+after --serve-args), all started up front and run in turn in every repeat, so that settings
+are compared in the same run against the same offline runs.
 Writes bench/results/server_load_<device>.json and .png and prints a table.
 """
 from __future__ import annotations
@@ -92,10 +96,10 @@ async def run_clients(url: str, model: str, work: list[list[str]], max_tokens: i
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         await asyncio.gather(*(client.get(url + "/health") for _ in work))
         await asyncio.sleep(max(0.0, go - time.monotonic()))
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         await asyncio.gather(*(client_loop(client, prompts) for prompts in work))
-        t1 = time.monotonic()
-    return {"start": t0, "end": t1, "results": results}
+        t1, cpu1 = time.monotonic(), time.process_time()
+    return {"start": t0, "end": t1, "results": results, "cpu_s": cpu1 - cpu0}
 
 
 def client_process(url: str, model: str, work: list[list[str]], max_tokens: int, go: float) -> dict:
@@ -104,22 +108,25 @@ def client_process(url: str, model: str, work: list[list[str]], max_tokens: int,
 
 
 def run_level(pool: ProcessPoolExecutor, procs: int, url: str, model: str, prompts: list[str], concurrency: int,
-              max_tokens: int) -> dict:
+              max_tokens: int, server: "Server | None" = None) -> dict:
     """C clients (client k sends prompts k, k+C, ...) spread over `procs` processes: one asyncio
     loop parsing 64 SSE streams is itself a bottleneck at GPU token rates, so the load
     generator must not be measured instead of the server."""
     clients = [prompts[k::concurrency] for k in range(concurrency)]
     procs = min(procs, concurrency)
     go = time.monotonic() + 0.5
+    cpu0 = server.cpu() if server else {}
     futs = [pool.submit(client_process, url, model, clients[p::procs], max_tokens, go) for p in range(procs)]
     parts = [f.result() for f in futs]
+    cpu = {k: v - cpu0[k] for k, v in server.cpu().items()} if server else {}
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     results = [r for p in parts for r in p["results"]]
     tokens = sum(r["tokens"] for r in results)
     assert tokens == len(prompts) * max_tokens, (tokens, len(prompts), max_tokens)
     return {"requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
             "output_tokens_per_s": tokens / wall, "ttft": [r["ttft"] for r in results],
-            "itl": [x for r in results for x in r["itl"]]}
+            "itl": [x for r in results for x in r["itl"]],
+            "cpu_s": {**cpu, "clients": sum(p["cpu_s"] for p in parts)}}
 
 
 def scrape_steps(url: str) -> dict:
@@ -133,30 +140,87 @@ def scrape_steps(url: str) -> dict:
     return out
 
 
-def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "exactllm", "serve", "--port", str(port), "--device", args.device,
-           "--numerics", args.numerics, "--log-level", "warning", "--max-queue", "4096"]
-    if args.model:
-        cmd += ["--model", args.model]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    cmd += shlex.split(args.serve_args)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not come up")
-        time.sleep(0.5)
+class Server:
+    """`exactllm serve` with some flags, as processes of its own on a free port."""
+
+    def __init__(self, args, label: str, flags: str):
+        self.label, self.flags, self.port = label, flags, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "exactllm", "serve", "--port", str(self.port), "--device", args.device,
+               "--numerics", args.numerics, "--log-level", "warning", "--max-queue", "4096"]
+        if args.model:
+            cmd += ["--model", args.model]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        cmd += shlex.split(args.serve_args) + shlex.split(flags)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.roles: dict[int, str] = {}
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.label!r} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"server {self.label!r} did not come up")
+            time.sleep(0.5)
+        time.sleep(1.0)  # every front end listening
+        self.roles = process_roles(self.proc.pid, self.port)
+
+    def cpu(self) -> dict:
+        """CPU seconds so far of the server's processes by role (http: those listening on the
+        port; engine: the other spawned ones; other: the rest, e.g. a supervisor)."""
+        out = {"http": 0.0, "engine": 0.0, "other": 0.0}
+        for pid, role in self.roles.items():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
+def process_roles(root: int, port: int) -> dict[int, str]:
+    """pid -> role for root and its descendants (Linux /proc): http if it holds a socket listening
+    on port, engine if it is another multiprocessing spawn, else other."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                todo += [int(x) for x in f.read().split()]
+    inodes = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and f[3] == "0A":
+            inodes.add(f"socket:[{f[9]}]")
+    roles = {}
+    for pid in pids:
+        fds = f"/proc/{pid}/fd"
+        links = set()
+        for fd in os.listdir(fds):
+            try:
+                links.add(os.readlink(os.path.join(fds, fd)))
+            except OSError:
+                pass
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            spawned = b"spawn_main" in f.read()
+        roles[pid] = "http" if links & inodes else "engine" if spawned else "other"
+    return roles
 
 
 class Offline:
@@ -222,9 +286,13 @@ def main() -> None:
                     help="first time the load generator alone against a stub server that answers at once")
     ap.add_argument("--serve-args", default="",
                     help="more `exactllm serve` flags, e.g. --serve-args='--admission-window-ms 20'")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="LABEL=FLAGS: a server with these more flags (repeatable; all run in turn in one run), "
+                         "e.g. --variant='one=' --variant='api4=--api-servers 4'")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/server_load_<device>.json)")
     args = ap.parse_args()
 
+    variants = [v.partition("=")[::2] for v in args.variant] or [("server", "")]
     work = {c: prompts_for(c, c * args.rounds) for c in args.concurrency}
     model = served_model_name(args.model)
     # Load-generator processes, started before this process touches CUDA.
@@ -234,31 +302,41 @@ def main() -> None:
     client_only = {}
     if args.client_check:
         client_only = check_client(pool, args, work)
-    off = Offline(args)
-    port = free_port()
-    proc = start_server(args, port)
-    url = f"http://127.0.0.1:{port}"
+    servers = [Server(args, label, flags) for label, flags in variants]  # starting while the offline LLM builds
     rows = []
     try:
+        off = Offline(args)
+        for srv in servers:
+            srv.wait_ready()
+            print(f"server {srv.label!r} ({srv.flags or 'defaults'}): process roles {sorted(srv.roles.values())}",
+                  flush=True)
         for c, prompts in work.items():
             # Warm both sides at this level's batch shapes (CUDA graphs, kernels), untimed.
-            run_level(pool, args.client_procs, url, model, prompts_for(-c, c), c, args.max_tokens)
+            for srv in servers:
+                run_level(pool, args.client_procs, srv.url, model, prompts_for(-c, c), c, args.max_tokens)
             off.run(prompts_for(-c, c), c)
-            steps0 = scrape_steps(url)
-            runs, walls = [], []
+            steps0 = [scrape_steps(srv.url) for srv in servers]
+            runs, walls = [[] for _ in servers], []
             for rep in range(args.repeats):
-                runs.append(run_level(pool, args.client_procs, url, model, prompts, c, args.max_tokens))
+                for i, srv in enumerate(servers):
+                    runs[i].append(run_level(pool, args.client_procs, srv.url, model, prompts, c, args.max_tokens,
+                                             srv))
                 walls.append(off.run(prompts, c))
-                print(f"C={c} repeat {rep}: server {runs[-1]['wall_s']:.2f} s, offline {walls[-1]:.2f} s", flush=True)
-            steps = {k: [(v[0] - steps0.get(k, [0, 0.0])[0]) / args.repeats,
-                         (v[1] - steps0.get(k, [0, 0.0])[1]) / args.repeats] for k, v in scrape_steps(url).items()}
-            s = merge(runs)
-            rows.append({"concurrency": c, **s, "offline_wall_s": min(walls), "offline_wall_s_all": walls,
-                         "overhead": s["wall_s"] / min(walls) - 1.0, "server_steps_per_repeat": steps,
-                         "client_only_wall_s": client_only.get(c)})
+                print(f"C={c} repeat {rep}: " + ", ".join(f"{srv.label} {r[-1]['wall_s']:.2f} s"
+                                                          for srv, r in zip(servers, runs))
+                      + f", offline {walls[-1]:.2f} s", flush=True)
+            for srv, srv_runs, st0 in zip(servers, runs, steps0):
+                steps = {k: [(v[0] - st0.get(k, [0, 0.0])[0]) / args.repeats,
+                             (v[1] - st0.get(k, [0, 0.0])[1]) / args.repeats] for k, v in scrape_steps(srv.url).items()}
+                m = merge(srv_runs)
+                cpu = {k: statistics.median(r["cpu_s"][k] for r in srv_runs) for k in srv_runs[0]["cpu_s"]}
+                rows.append({"variant": srv.label, "serve_flags": srv.flags, "concurrency": c, **m,
+                             "offline_wall_s": min(walls), "offline_wall_s_all": walls,
+                             "overhead": m["wall_s"] / min(walls) - 1.0, "server_steps_per_repeat": steps,
+                             "cpu_s_median": cpu, "client_only_wall_s": client_only.get(c)})
     finally:
-        proc.terminate()
-        proc.wait(120)
+        for srv in servers:
+            srv.stop()
         pool.shutdown()
 
     device = args.device
@@ -268,24 +346,28 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
     result = {"model": model, "device": args.device, "device_name": device_name, "numerics": args.numerics,
-              "serve_args": args.serve_args,
+              "serve_args": args.serve_args, "variants": dict(variants),
               "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
-              "client_procs": args.client_procs, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "loadavg_end": os.getloadavg(), "levels": rows}
+              "client_procs": args.client_procs, "cpu_count": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_end": os.getloadavg(), "levels": rows}
 
-    hdr = (f"{'C':>4} {'req':>5} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-           f"{'ITL p50':>9} {'ITL p99':>9} {'server s':>9} {'offline s':>9} {'overhead':>9} "
-           f"{'steps p/d':>10} {'step s':>7} {'client s':>9}")
+    hdr = (f"{'variant':>8} {'C':>4} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+           f"{'ITL p50':>8} {'ITL p99':>8} {'server s':>9} {'offline s':>9} {'overhead':>9} "
+           f"{'steps p/d':>10} {'step s':>7} {'http cpu':>9} {'eng cpu':>8} {'load cpu':>9} {'client s':>9}")
     print(f"\n{model} on {device_name}, {args.max_tokens} tokens/request, numerics {args.numerics}")
     print(hdr)
     for r in rows:
-        print(f"{r['concurrency']:>4} {r['requests']:>5} {r['requests_per_s']:>8.3f} {r['output_tokens_per_s']:>8.2f} "
-              f"{r['ttft_p50_s'] * 1e3:>7.0f}ms {r['ttft_p99_s'] * 1e3:>7.0f}ms {r['itl_p50_s'] * 1e3:>7.0f}ms "
-              f"{r['itl_p99_s'] * 1e3:>7.0f}ms {r['wall_s']:>9.2f} {r['offline_wall_s']:>9.2f} "
-              f"{r['overhead'] * 100:>8.1f}% {steps_cell(r):>10} {step_seconds(r):>7.2f} "
+        cpu = r["cpu_s_median"]
+        print(f"{r['variant'][:8]:>8} {r['concurrency']:>4} {r['requests_per_s']:>8.1f} {r['output_tokens_per_s']:>8.0f} "
+              f"{r['ttft_p50_s'] * 1e3:>7.1f}ms {r['ttft_p99_s'] * 1e3:>7.1f}ms {r['itl_p50_s'] * 1e3:>6.2f}ms "
+              f"{r['itl_p99_s'] * 1e3:>6.2f}ms {r['wall_s']:>9.3f} {r['offline_wall_s']:>9.3f} "
+              f"{r['overhead'] * 100:>8.1f}% {steps_cell(r):>10} {step_seconds(r):>7.3f} "
+              f"{cpu.get('http', 0):>9.2f} {cpu.get('engine', 0):>8.2f} {cpu.get('clients', 0):>9.2f} "
               f"{r['client_only_wall_s'] or float('nan'):>9.2f}")
     print("steps p/d: the server's engine steps per repeat that computed prompt tokens / only decoded; "
-          "step s: their seconds; client s: the load generator alone against a stub (--client-check)")
+          "step s: their seconds; http/eng/load cpu: CPU seconds of the HTTP front ends, the engine process "
+          "and the load generator in a run (median); client s: the load generator alone against a stub "
+          "(--client-check)")
 
     out = args.out or os.path.join("bench", "results", f"server_load_{args.device.split(':')[0]}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -365,18 +447,26 @@ def check_client(pool: ProcessPoolExecutor, args, work: dict) -> dict:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
+    """Per variant: TTFT p50/p99 by concurrency (left), overhead over offline (right, bars side by side)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cs = [r["concurrency"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("ttft_p50_s", "TTFT p50"), ("ttft_p99_s", "TTFT p99"),
-                       ("itl_p50_s", "ITL p50"), ("itl_p99_s", "ITL p99")):
-        a.plot(cs, [r[key] * 1e3 for r in rows], marker="o", label=label)
-    a.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="ms", title="latency")
-    a.legend()
-    b.bar([str(c) for c in cs], [r["overhead"] * 100 for r in rows])
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    cs = list(dict.fromkeys(r["concurrency"] for r in rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        mine = [r for r in rows if r["variant"] == label]
+        for key, name in (("ttft_p50_s", "TTFT p50"), ("ttft_p99_s", "TTFT p99")):
+            a.plot([r["concurrency"] for r in mine], [r[key] * 1e3 for r in mine], marker="o", label=f"{label} {name}")
+        b.bar([cs.index(r["concurrency"]) + (i - (len(labels) - 1) / 2) * width for r in mine],
+              [r["overhead"] * 100 for r in mine], width, label=label)
+    a.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="ms", title="time to first token")
+    a.legend(fontsize=7)
+    b.set_xticks(range(len(cs)), [str(c) for c in cs])
+    b.axhline(10, color="grey", lw=0.8, ls="--")
     b.set(xlabel="concurrent streaming clients", ylabel="% over offline LLM.generate", title="server overhead")
+    b.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

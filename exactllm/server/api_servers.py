@@ -46,6 +46,8 @@ class FrontEndOptions:
     switch_interval_s: float
     log_level: str
     parent_pid: int
+    http: str = "auto"   # uvicorn's HTTP parser and event loop
+    loop: str = "auto"
 
 
 def listen_sockets(host: str, port: int, n: int, backlog: int = 2048) -> list[socket.socket]:
@@ -94,7 +96,8 @@ def api_server_main(link: EngineLink, sock: socket.socket, opts: FrontEndOptions
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = EngineClient(max_queue=opts.max_queue, link=link)
     app = create_app(client, opts.name, api_key=opts.api_key, aliases=opts.aliases)
-    config = uvicorn.Config(app, log_level=opts.log_level, timeout_graceful_shutdown=opts.drain_timeout)
+    config = uvicorn.Config(app, log_level=opts.log_level, timeout_graceful_shutdown=opts.drain_timeout,
+                            http=opts.http, loop=opts.loop)
     holder["server"] = server = DrainingServer(config)
     server.run(sockets=[sock])
 

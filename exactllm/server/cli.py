@@ -40,6 +40,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-servers", type=int, default=1,
                    help="HTTP front-end processes sharing the port (SO_REUSEPORT) and the one engine process: "
                         "request parsing and streaming spread over them (server/api_servers.py)")
+    p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                   help="uvicorn's HTTP parser (auto: httptools where installed, else h11)")
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="uvicorn's event loop (auto: uvloop where installed, else asyncio)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -78,7 +82,7 @@ def cmd_serve(args) -> int:
     if args.api_servers > 1:
         from exactllm.server.api_servers import FrontEndOptions, serve
         opts = FrontEndOptions(name, aliases, args.api_key, args.max_queue, args.drain_timeout,
-                               args.switch_interval_ms / 1e3, args.log_level, os.getpid())
+                               args.switch_interval_ms / 1e3, args.log_level, os.getpid(), args.http, args.loop)
         return serve(spec, args.api_servers, args.host, args.port, opts)
     try:
         client = EngineClient(spec, max_queue=args.max_queue)
@@ -87,7 +91,7 @@ def cmd_serve(args) -> int:
         return 1
     app = create_app(client, name, api_key=args.api_key, aliases=aliases)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout)
+                            timeout_graceful_shutdown=args.drain_timeout, http=args.http, loop=args.loop)
     print(f"exactllm: serving '{name}' on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
     holder["server"] = server = DrainingServer(config)
