@@ -51,6 +51,7 @@ class DecodeGraphs:
         # tensor parallelism (engine/tp_workers.py): called with each step's staged inputs before rank 0
         # replays it, so that the worker ranks replay the same graph and its collectives pair up
         self.mirror = None
+        self.tp_world = getattr(getattr(model, "tp", None), "world", 1)
 
     def accepts(self, chunks) -> bool:
         return len(chunks) <= self.max_batch and all(ch.length == 1 and ch.completes for ch in chunks)
@@ -102,7 +103,14 @@ class DecodeGraphs:
             self._forward(b)  # warm-up: compiles kernels, tunes GEMV tiles, writes the same KV values
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        mode = "global"
+        if self.tp_world > 1:
+            # NCCL collectives inside: let the warm-up's finish first, and capture in thread-local
+            # mode, since the process group's watchdog thread polls their events meanwhile (in
+            # global mode that invalidates the capture)
+            torch.cuda.synchronize(self.device)
+            mode = "thread_local"
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
             out = self._forward(b)
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)

@@ -105,6 +105,7 @@ def _worker_main(rank: int, world: int, port: int, model_name: str, model_config
             else:  # "stop"
                 break
     except BaseException:
+        traceback.print_exc()  # also on stderr: a driver blocked in a collective never reads the pipe
         try:
             conn.send(("error", traceback.format_exc()))
         except Exception:
