@@ -277,3 +277,39 @@ def test_no_process_outlives_a_killed_one(victim):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_front_end_sockets_get_tcp_nodelay():
+    """Connections accepted on listen_sockets() have Nagle's algorithm off under asyncio (it sets
+    TCP_NODELAY only where the socket's proto is TCP); a socket made with proto 0 would not."""
+    import socket
+
+    from exactllm.server.api_servers import listen_sockets
+    from exactllm.server.runner import free_port
+
+    def accepted_nodelay(sock) -> int:
+        async def main():
+            got = asyncio.get_running_loop().create_future()
+
+            class Proto(asyncio.Protocol):
+                def connection_made(self, transport):
+                    s = transport.get_extra_info("socket")
+                    got.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                    transport.close()
+
+            server = await asyncio.get_running_loop().create_server(Proto, sock=sock)
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(got, 10)
+            writer.close()
+            server.close()
+            return value
+        return asyncio.run(main())
+
+    socks = listen_sockets("127.0.0.1", free_port(), 2)
+    assert len(socks) == 2 and all(s.proto == socket.IPPROTO_TCP for s in socks)
+    assert accepted_nodelay(socks[0]) != 0
+    socks[1].close()
+    plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    plain.bind(("127.0.0.1", 0))
+    plain.listen()
+    assert accepted_nodelay(plain) == 0
