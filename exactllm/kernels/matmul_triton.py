@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from exactllm.formats.quant import QuantWeight
+from exactllm.kernels.rope_triton import rope_kv_tile
 
 QCODES = {None: 0, "q4_0": 1, "q4_1": 2, "q8_0": 3}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the invariant mode at every M, where no
@@ -48,10 +49,25 @@ def _nibble_f32(v, QTYPE: tl.constexpr):
     return f - 8388616.0 if QTYPE == 1 else f - 8388608.0
 
 
+@triton.jit
+def silu_mul_input(x_rows, u_rows, offs, mask, SILU: tl.constexpr):
+    """A linear's input tile: x, or (SILU) silu(x) * u with activation_triton's SwiGLU arithmetic
+    (float32, one rounding to x's dtype), so a fused down projection sees the SwiGLU kernel's bits."""
+    x = tl.load(x_rows + offs, mask=mask, other=0.0)
+    if SILU:
+        g = x.to(tl.float32)
+        u = tl.load(u_rows + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (g / (1.0 + tl.exp(-g)) * u).to(x.dtype)
+    return x
+
+
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+def _gemm_kernel(x_ptr, u_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride_um, stride_wn, stride_sn,
+                 stride_ym, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_width, kv_width, stride_c,
+                 stride_cslot, stride_ch,
                  QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NATURAL: tl.constexpr):
+                 GROUP_M: tl.constexpr, PRECISION: tl.constexpr, NATURAL: tl.constexpr, SILU: tl.constexpr,
+                 ROPE_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -68,6 +84,7 @@ def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_row = x_ptr + offs_m[:, None] * stride_xm
+    u_row = u_ptr + offs_m[:, None] * stride_um
     NB: tl.constexpr = BLOCK_K // 32                     # 32-blocks per K tile (quantized weights)
     for k0 in range(0, K, BLOCK_K):
         if QTYPE == 1 or QTYPE == 2:
@@ -87,13 +104,13 @@ def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride
             xmask = mask_m[:, None] & (k0 + tl.arange(0, BLOCK_K) < K)[None, :]
             if NATURAL:  # one dot over the K tile in K order: [lo 16 | hi 16] per block
                 w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
-                x = tl.load(x_row + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=xmask, other=0.0)
+                x = silu_mul_input(x_row, u_row, (k0 + tl.arange(0, BLOCK_K))[None, :], xmask, SILU)
                 acc = tl.dot(x, tl.trans(w.to(dt)), acc, input_precision=PRECISION)
             else:  # two dots: all low halves of the tile's blocks, then all high halves
                 col = tl.reshape(byte + (byte // 16) * 16, (BLOCK_K // 2,))  # column of each low nibble
                 hmask = tl.reshape(tl.broadcast_to((blk < K // 32)[:, None], (NB, 16)), (BLOCK_K // 2,))
-                x_lo = tl.load(x_row + col[None, :], mask=mask_m[:, None] & hmask[None, :], other=0.0)
-                x_hi = tl.load(x_row + (col + 16)[None, :], mask=mask_m[:, None] & hmask[None, :], other=0.0)
+                x_lo = silu_mul_input(x_row, u_row, col[None, :], mask_m[:, None] & hmask[None, :], SILU)
+                x_hi = silu_mul_input(x_row, u_row, (col + 16)[None, :], mask_m[:, None] & hmask[None, :], SILU)
                 acc = tl.dot(x_lo, tl.trans(tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 2)).to(dt)), acc,
                              input_precision=PRECISION)
                 acc = tl.dot(x_hi, tl.trans(tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 2)).to(dt)), acc,
@@ -111,10 +128,14 @@ def _gemm_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, y_ptr, M, N, K, stride_xm, stride
                 w = tl.reshape(q.to(tl.float32) * d[:, :, None], (BLOCK_N, BLOCK_K))
             else:
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=wmask, other=0)
-            x = tl.load(x_row + kk[None, :], mask=mask_m[:, None] & kmask[None, :], other=0.0)
+            x = silu_mul_input(x_row, u_row, kk[None, :], mask_m[:, None] & kmask[None, :], SILU)
             acc = tl.dot(x, tl.trans(w.to(dt)), acc, input_precision=PRECISION)
+    out = acc.to(y_ptr.dtype.element_ty)
+    if ROPE_KV:
+        out = rope_kv_tile(out, offs_m[:, None], pid_n * BLOCK_N, M, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr,
+                           vc_ptr, q_width, kv_width, stride_c, stride_cslot, stride_ch, BLOCK_N, HEAD_DIM)
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -164,10 +185,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None, natural: bool = True) -> torch.Tensor:
+def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None, natural: bool = True,
+         up: torch.Tensor | None = None, rope_kv: tuple | None = None) -> torch.Tensor:
     """Tensor-core GEMM with an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
     4-bit weights: ``natural`` feeds each K tile to one dot in K order; otherwise two dots per tile
-    (low nibbles, then high), an order that depends on BLOCK_K."""
+    (low nibbles, then high), an order that depends on BLOCK_K.  ``up``: the input is silu(x) * up
+    (SwiGLU in the prologue); ``rope_kv`` (rope_triton.rope_kv_args): RoPE and the KV-cache write in
+    the epilogue of a qkv projection; both give the bits of the separate kernels."""
     bm, bn, bk, warps, stages = config
     M, K = x.shape
     N = w.shape[0]
@@ -175,11 +199,18 @@ def gemm(x: torch.Tensor, w, config: tuple, out: torch.Tensor | None = None, nat
     if code and bk % 32:
         raise ValueError("quantized weights need BLOCK_K a multiple of 32")
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(1) != 1 or x.stride(1) != 1):
+        raise ValueError(f"up {tuple(up.shape)} {up.dtype} must be laid out as x {tuple(x.shape)} {x.dtype}")
+    head_dim, epi = rope_kv if rope_kv is not None else (0, (x,) * 6 + (0,) * 5)
+    if rope_kv is not None and (N != epi[6] + 2 * epi[7] or bn % 2):
+        raise ValueError("the rope_kv epilogue needs a whole qkv output and an even BLOCK_N")
     if M:
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _gemm_kernel[grid](x, qs, sc, mn, y, M, N, K, x.stride(0), qs.stride(0), sc.stride(0), y.stride(0),
+        _gemm_kernel[grid](x, x if up is None else up, qs, sc, mn, y, M, N, K, x.stride(0),
+                           0 if up is None else up.stride(0), qs.stride(0), sc.stride(0), y.stride(0), *epi,
                            QTYPE=code, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                           PRECISION=_precision(x.dtype), NATURAL=natural, num_warps=warps, num_stages=stages)
+                           PRECISION=_precision(x.dtype), NATURAL=natural, SILU=up is not None,
+                           ROPE_KV=rope_kv is not None, HEAD_DIM=head_dim, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -265,8 +296,11 @@ def invariant_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.d
     return INVARIANT_CONFIG if table is None else _bucket(TILE_TABLES[table], M)[1][0]
 
 
-def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (as ``matmul.linear_ref``)."""
+def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None = None,
+           up: torch.Tensor | None = None, rope_kv: tuple | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (as ``matmul.linear_ref``).  Invariant mode only:
+    ``up`` (x is then the gate: silu(x) * up is the input) and ``rope_kv`` (the rope_kv epilogue of
+    a qkv projection), as in ``gemm``."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     M, N = x.shape[0], w.shape[0]
@@ -274,10 +308,12 @@ def linear(x: torch.Tensor, w, invariant: bool = False, out: torch.Tensor | None
     if invariant:
         if qtype is not None:   # the TBIK tree: split over SMs at small M, batch invariant too
             from exactllm.kernels.tree_matmul_triton import tbik_matmul
-            y = tbik_matmul(x, w, out_dtype=x.dtype)
+            y = tbik_matmul(x, w, out_dtype=x.dtype, up=up, rope_kv=rope_kv)
             return y if out is None else out.copy_(y)
         table = _invariant_table(x.dtype, x.device)
-        return gemm(x, w, INVARIANT_CONFIG if table is None else _tuned_tiles(x, w, table), out)
+        return gemm(x, w, INVARIANT_CONFIG if table is None else _tuned_tiles(x, w, table), out, up=up,
+                    rope_kv=rope_kv)
+    assert up is None and rope_kv is None, "the fused prologue / epilogue are invariant-mode only"
     if qtype is None:
         y = F.linear(x, w.to(x.dtype))
         return y if out is None else out.copy_(y)

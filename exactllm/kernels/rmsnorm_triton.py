@@ -14,21 +14,39 @@ from exactllm.kernels import pdl
 
 
 @triton.jit
+def rms_row(x_row, r_row, ro_row, n_cols, eps, HAS_RES: tl.constexpr, WRITE_RES, BLOCK: tl.constexpr):
+    """One row's input (x, or x + residual rounded to x's dtype, stored to ``ro_row`` where
+    WRITE_RES) in float32 [BLOCK], and its inverse RMS.  Shared with the invariant linears' norm
+    prologue (tree_matmul_triton): the same code in a kernel of the same num_warps reduces in the
+    same order (bench/invariant_fusion_gpu.py checks the bits on the GPU)."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_row + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_row + cols, mask=mask, other=0.0)
+        # the add rounds to the activation dtype first, as ``x + residual`` does in the reference
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_row.dtype.element_ty)
+        if WRITE_RES:
+            tl.store(ro_row + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(xf * xf, axis=0) / n_cols
+    return xf, 1.0 / tl.sqrt_rn(mean_sq + eps)
+
+
+def num_warps(n_cols: int) -> int:
+    """The RMSNorm kernel's warps for rows of ``n_cols`` (a fused norm prologue must match them)."""
+    return 4 if triton.next_power_of_2(n_cols) <= 2048 else 8
+
+
+@triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, n_cols, stride_x, stride_r, stride_y, stride_ro,
                     eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        # the add rounds to the activation dtype first, as ``x + residual`` does in the reference
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(ro_ptr + row * stride_ro + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    mean_sq = tl.sum(xf * xf, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt_rn(mean_sq + eps)
+    xf, rstd = rms_row(x_ptr + row * stride_x, r_ptr + row * stride_r, ro_ptr + row * stride_ro, n_cols, eps,
+                       HAS_RES, True, BLOCK)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (xf * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -45,7 +63,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     rows, n = x2.shape
     y = torch.empty_like(x2) if out is None else out.view(rows, n)
     block = triton.next_power_of_2(n)
-    warps = 4 if block <= 2048 else 8
+    warps = num_warps(n)
     use_pdl = pdl.enabled(x.device)
     launch = {"PDL": use_pdl, "num_warps": warps, **pdl.launch_kwargs(use_pdl)}
     if residual is not None:

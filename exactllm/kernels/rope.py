@@ -45,3 +45,15 @@ def norm_gemv_rope_kv_ref(x: torch.Tensor, residual: torch.Tensor | None, norm_w
     q_rot = rope_kv_ref(q.reshape(t, -1, d), k.reshape(t, -1, d), v.reshape(t, -1, d), rope_kv.positions,
                         rope_kv.cos, rope_kv.sin, rope_kv.k_cache, rope_kv.v_cache, rope_kv.slot_mapping)
     return torch.cat((q_rot.reshape(t, -1), k, v), dim=-1), residual
+
+
+def qkv_rope_kv_ref(qkv: torch.Tensor, rope_kv: tuple) -> torch.Tensor:
+    """rope_kv_ref on a qkv output [T, q_width + 2 kv_width]: ``rope_kv`` is (head_dim, args) as
+    ``rope_triton.rope_kv_args`` returns it. Returns qkv with q rotated (k, v as they were) and
+    fills the caches: what a qkv linear with the ``rope_triton.rope_kv_tile`` epilogue returns."""
+    d, (positions, cos, sin, slot_mapping, k_cache, v_cache, q_width, kv_width) = rope_kv[0], rope_kv[1][:8]
+    t = qkv.shape[0]
+    q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
+    q_rot = rope_kv_ref(q.reshape(t, -1, d), k.reshape(t, -1, d), v.reshape(t, -1, d), positions, cos, sin,
+                        k_cache, v_cache, slot_mapping)
+    return torch.cat((q_rot.reshape(t, -1), k, v), dim=-1)

@@ -27,6 +27,55 @@ def _rotate(src, dst, c, s, mask):
 
 
 @triton.jit
+def rope_kv_tile(y, rows, n0, M, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_width, kv_width, stride_c,
+                 stride_cslot, stride_ch, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``rope_kv`` as the epilogue of a qkv linear: y [BLOCK_M, BLOCK_N] is the output tile (rounded to
+    the activation dtype) of rows ``rows`` [BLOCK_M, 1] and columns n0 .. n0 + BLOCK_N (n0 and BLOCK_N
+    even; the tile may span heads and the q | k | v sections).  Returns the tile to store: q columns
+    rotated, k and v columns unchanged (rope_kv leaves k unrotated); k columns rotated into k_cache,
+    v columns copied into v_cache at each row's slot (rows >= M or with a negative slot: none).  The
+    rotation is ``_rotate``'s float32 arithmetic on the same rounded inputs, so the bits are those of
+    the linear followed by the rope_kv kernel."""
+    BM: tl.constexpr = y.shape[0]
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    row_ok = rows < M
+    col0 = n0 + 2 * tl.arange(0, HALF_N)[None, :]                   # first column of each pair
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    i = (col0 % HEAD_DIM) // 2
+    rot_ok = row_ok & (col0 < q_width + kv_width)
+    c = tl.load(cos_ptr + pos * stride_c + i, mask=rot_ok, other=0.0)
+    s = tl.load(sin_ptr + pos * stride_c + i, mask=rot_ok, other=0.0)
+    x0, x1 = tl.split(tl.reshape(y, (BM, HALF_N, 2)))
+    x0 = x0.to(tl.float32)
+    x1 = x1.to(tl.float32)
+    r0 = x0 * c - x1 * s
+    r1 = x0 * s + x1 * c
+    cols = n0 + tl.arange(0, BLOCK_N)[None, :]
+    is_q = cols < q_width
+    out = tl.where(is_q, tl.reshape(tl.join(r0.to(y.dtype), r1.to(y.dtype)), (BM, BLOCK_N)), y)
+    slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    n_kv = (cols - q_width) % kv_width
+    dst = slot * stride_cslot + (n_kv // HEAD_DIM) * stride_ch + n_kv % HEAD_DIM
+    keep = row_ok & (slot >= 0) & (cols >= q_width)
+    is_k = cols < q_width + kv_width
+    k_rot = tl.reshape(tl.join(r0.to(kc_ptr.dtype.element_ty), r1.to(kc_ptr.dtype.element_ty)), (BM, BLOCK_N))
+    tl.store(kc_ptr + dst, k_rot, mask=keep & is_k)
+    tl.store(vc_ptr + dst, y.to(vc_ptr.dtype.element_ty), mask=keep & (cols < q_width + 2 * kv_width) & ~is_k)
+    return out
+
+
+def rope_kv_args(q_width: int, kv_width: int, head_dim: int, positions, cos, sin, k_cache, v_cache,
+                 slot_mapping) -> "tuple[int, tuple]":
+    """(HEAD_DIM, the runtime arguments of ``rope_kv_tile`` from pos_ptr to stride_ch) for a qkv output
+    of [q_width | kv_width | kv_width] columns, checked as ``rope_kv`` checks them."""
+    assert q_width % head_dim == 0 and kv_width % head_dim == 0 and head_dim % 2 == 0
+    assert k_cache.stride(1) == k_cache.stride(2) * (kv_width // head_dim) and k_cache.stride(3) == 1
+    assert v_cache.stride() == k_cache.stride() and cos.stride(1) == 1 and cos.stride() == sin.stride()
+    return head_dim, (positions, cos, sin, slot_mapping, k_cache, v_cache, q_width, kv_width, cos.stride(0),
+                      k_cache.stride(1), k_cache.stride(2))
+
+
+@triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                     n_q, n_kv, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
                     stride_cslot, stride_ch, HALF: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_KV: tl.constexpr,

@@ -50,7 +50,12 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from exactllm.formats.quant import QuantWeight
-from exactllm.kernels.matmul_triton import QCODES, _is_hopper, _nibble_f32, dequantize
+from exactllm.kernels.matmul_triton import QCODES, _is_hopper, _nibble_f32, dequantize, silu_mul_input
+from exactllm.kernels.rmsnorm_triton import num_warps as rmsnorm_warps
+from exactllm.kernels.rmsnorm_triton import rms_row
+from exactllm.kernels.rope_triton import rope_kv_tile
+from exactllm.kernels.activation import silu_mul_ref
+from exactllm.kernels.rope import qkv_rope_kv_ref
 from exactllm.kernels.tree import combine_partials, k_pieces
 
 MAX_LEAF = 1024      # longest sequential leaf (elements of K)
@@ -247,15 +252,46 @@ def _dequant_elems(w_rows, sc_rows, mn_rows, k, b_mask, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk, stride_sn,
+def _rows_rstd(x_ptr, r_ptr, ro_ptr, m0, M, stride_xm, stride_rm, stride_rom, n_cols, eps, write_res,
+               HAS_RES: tl.constexpr, BM: tl.constexpr, NBLOCK: tl.constexpr):
+    """[BM] inverse RMS of rows m0 .. m0 + BM (0 past M), each by rmsnorm_triton.rms_row (the RMSNorm
+    kernel's own code, one row at a time as there); ``write_res``: store the rows' x + residual."""
+    rstd = tl.zeros((BM,), dtype=tl.float32)
+    for i in range(0, tl.minimum(BM, M - m0)):
+        row = (m0 + i).to(tl.int64)
+        _, s = rms_row(x_ptr + row * stride_xm, r_ptr + row * stride_rm, ro_ptr + row * stride_rom, n_cols, eps,
+                       HAS_RES, write_res, NBLOCK)
+        rstd = tl.where(tl.arange(0, BM) == i, s, rstd)
+    return rstd
+
+
+@triton.jit
+def _input_tile(x_rows, u_rows, offs, mask, nw_ptr, k, k_mask, rstd, PROLOGUE: tl.constexpr):
+    """The linear's input at ``offs``: x (PROLOGUE 0); silu(x) * u (1, matmul_triton.silu_mul_input);
+    the RMSNorm of x (2) or of x + u (3): the add rounded, then x * rstd * weight[k] rounded, as the
+    RMSNorm kernel rounds them."""
+    if PROLOGUE >= 2:
+        x = tl.load(x_rows + offs, mask=mask, other=0.0)
+        if PROLOGUE == 3:
+            r = tl.load(u_rows + offs, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        return (x.to(tl.float32) * rstd * nw).to(x.dtype)
+    return silu_mul_input(x_rows, u_rows, offs, mask, PROLOGUE == 1)
+
+
+@triton.jit
+def _leaf_chunk(acc, x_rows, u_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk, stride_sn,
                 m_ok, n_ok, rk, gl, c, L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr,
                 BK: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr, SWAP: tl.constexpr):
+                UPCAST: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr, SWAP: tl.constexpr,
+                PROLOGUE: tl.constexpr, nw_ptr, rstd):
     """acc + the products of chunk ``c`` of leaf ``gl`` (of this rank's subtree).  Quantized
     weights (QTYPE 1..3, codes of matmul_triton.QCODES) are dequantized in registers to x's
     dtype: by whole 32-blocks where every chunk starts on one (ALIGNED), else per element.
     SWAP: acc [BN, BM] += w [BN, BK] @ x.T [BK, BM] (``x_rows`` then a [1, BM] grid), the same
-    products on the same K steps with the MMA's roles of x and w exchanged."""
+    products on the same K steps with the MMA's roles of x and w exchanged.  PROLOGUE (``_input_tile``): the
+    input is silu(x) * u (``u_rows`` like ``x_rows``) or the RMSNorm of x (+ u) by ``rstd``."""
     if EVEN:     # equal leaves, whole chunks: leaf gl starts at gl * LEAF
         k0 = gl * LEAF + c * BK
         k_end = k0 + BK
@@ -280,7 +316,7 @@ def _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, st
     if not EVEN:
         a_mask = a_mask & (kx < k_end)
         b_mask = b_mask & (kw < k_end)
-    a = tl.load(x_rows + kx * stride_xk, mask=a_mask, other=0.0)
+    a = _input_tile(x_rows, u_rows, kx * stride_xk, a_mask, nw_ptr, kx, kx < k_end, rstd, PROLOGUE)
     if QTYPE == 0:
         b = tl.load(w_ptr + wrow * stride_wn + kw * stride_wk, mask=b_mask, other=0.0)
     elif ALIGNED:
@@ -307,15 +343,43 @@ def _round(v, out_ptr):
     return v.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
 
 
+@triton.jit
+def _store_out(v, out_ptr, rm, n0, M, N, stride_om, stride_on, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr,
+               q_width, kv_width, stride_c, stride_cslot, stride_ch, BN: tl.constexpr, SWAP: tl.constexpr,
+               ROPE_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store the tile's FP32 root ``v`` ([BN, BM] if SWAP, else [BM, BN]) rounded to the output dtype;
+    ROPE_KV: through the rope_kv epilogue (rope_triton.rope_kv_tile) in [BM, BN] orientation."""
+    y = _round(v, out_ptr)
+    rn = n0 + tl.arange(0, BN)
+    if ROPE_KV:
+        if SWAP:
+            y = tl.trans(y)
+        rows = rm[:, None]
+        y = rope_kv_tile(y, rows, n0, M, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_width, kv_width,
+                         stride_c, stride_cslot, stride_ch, BN, HEAD_DIM)
+        om = rows
+        on = rn[None, :]
+    elif SWAP:
+        om = rm[None, :]
+        on = rn[:, None]
+    else:
+        om = rm[:, None]
+        on = rn[None, :]
+    tl.store(out_ptr + om * stride_om + on * stride_on, y, mask=(om < M) & (on < N))
+
+
 @triton.jit(do_not_specialize=["M"])
-def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
-                 stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_om, stride_on,
+def _tbik_kernel(x_ptr, u_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                 stride_xm, stride_xk, stride_um, stride_wn, stride_wk, stride_sn, stride_om, stride_on,
+                 pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_width, kv_width, stride_c,
+                 stride_cslot, stride_ch, nw_ptr, ro_ptr, stride_rom, n_cols, eps,
                  L: tl.constexpr, LEAF: tl.constexpr, NLP: tl.constexpr,
                  LEAVES: tl.constexpr, DEPTH: tl.constexpr, SPLITS: tl.constexpr,
                  SPILL_TOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  UNROLL: tl.constexpr, QTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                 SWAP: tl.constexpr, PDL: tl.constexpr):
+                 SWAP: tl.constexpr, PDL: tl.constexpr, PROLOGUE: tl.constexpr, ROPE_KV: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, NBLOCK: tl.constexpr):
     if PDL:      # let the next kernel launch now; wait for the previous one before touching memory
         gdc_launch_dependents()
         gdc_wait()
@@ -343,6 +407,15 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         on = rn[None, :]
         zero = tl.zeros((BM, BN), dtype=tl.float32)
     x_rows = x_ptr + om * stride_xm
+    u_rows = u_ptr + om * stride_um
+    rstd = 1.0
+    if PROLOGUE >= 2:   # RMSNorm: each row's inverse RMS over all of K, as the RMSNorm kernel computes it
+        rstd = _rows_rstd(x_ptr, u_ptr, ro_ptr, pid_m * BM, M, stride_xm, stride_um, stride_rom, n_cols, eps,
+                          (pid_n == 0) & (split == 0), PROLOGUE == 3, BM, NBLOCK)
+        if SWAP:
+            rstd = rstd[None, :]
+        else:
+            rstd = rstd[:, None]
     CPL: tl.constexpr = (LEAF + BK - 1) // BK      # chunks per leaf
     EVEN: tl.constexpr = (LEAF % BK == 0) and (L % LEAF == 0)
     PUSH_DEPTH: tl.constexpr = DEPTH - 1 if SPILL_TOP else DEPTH
@@ -352,9 +425,9 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         for g in tl.static_range(LEAVES):
             acc = zero
             for c in range(CPL):
-                acc = _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
+                acc = _leaf_chunk(acc, x_rows, u_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
                                   stride_sn, m_ok, n_ok, rk, split * LEAVES + g, c, L, LEAF, NLP, BK, BN,
-                                  EVEN, PREC, UPCAST, QTYPE, ALIGNED, SWAP)
+                                  EVEN, PREC, UPCAST, QTYPE, ALIGNED, SWAP, PROLOGUE, nw_ptr, rstd)
             if g < LEAVES - 1:
                 top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
                 if SPILL_TOP:
@@ -364,9 +437,9 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         for i in range(LEAVES * CPL):
             g = i // CPL                               # leaf within this program
             c = i - g * CPL                            # chunk within the leaf
-            acc = _leaf_chunk(acc, x_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
+            acc = _leaf_chunk(acc, x_rows, u_rows, w_ptr, sc_ptr, mn_ptr, rn, stride_xk, stride_wn, stride_wk,
                               stride_sn, m_ok, n_ok, rk, split * LEAVES + g, c, L, LEAF, NLP, BK, BN,
-                              EVEN, PREC, UPCAST, QTYPE, ALIGNED, SWAP)
+                              EVEN, PREC, UPCAST, QTYPE, ALIGNED, SWAP, PROLOGUE, nw_ptr, rstd)
             if (c == CPL - 1) & (g < LEAVES - 1):
                 top, s0, s1, s2, s3, s4, s5 = _push(acc, g, s0, s1, s2, s3, s4, s5, PUSH_DEPTH)
                 if SPILL_TOP:
@@ -378,9 +451,9 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     ws_tile = ws_ptr + om * N + on
     if SPILL_TOP:
         root = tl.load(ws_tile + split * M * N, mask=out_mask, other=0.0) + root
-    out = out_ptr + om * stride_om + on * stride_on
+    epi = (pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_width, kv_width, stride_c, stride_cslot, stride_ch)
     if SPLITS == 1:
-        tl.store(out, _round(root, out_ptr), mask=out_mask)
+        _store_out(root, out_ptr, rm, pid_n * BN, M, N, stride_om, stride_on, *epi, BN, SWAP, ROPE_KV, HEAD_DIM)
     else:
         tl.store(ws_tile + split * M * N, root, mask=out_mask)
         tl.debug_barrier()                         # every thread's store precedes the release
@@ -396,7 +469,7 @@ def _tbik_kernel(x_ptr, w_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                           + tl.load(ws_tile + 5 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg"))
                          + (tl.load(ws_tile + 6 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
                             + tl.load(ws_tile + 7 * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")))
-            tl.store(out, _round(r, out_ptr), mask=out_mask)
+            _store_out(r, out_ptr, rm, pid_n * BN, M, N, stride_om, stride_on, *epi, BN, SWAP, ROPE_KV, HEAD_DIM)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")   # ready for the next call
 
 
@@ -503,7 +576,9 @@ def _plan(M, N, K_local, parts, fp32, splits, config, n_sm, hopper, interpret, m
     return (tiles * splits,), kw, ws_shape, splits > 1
 
 
-def _launch(x, w, parts, out_dtype, splits, config):
+def _launch(x, w, parts, out_dtype, splits, config, up=None, rope_kv=None, norm=None):
+    """One kernel launch; ``up``, ``rope_kv``: see tbik_matmul; ``norm`` = (residual or None, norm
+    weight, eps, residual_out): the RMSNorm prologue (residual_out receives x + residual)."""
     M, K_local = x.shape
     N = w.shape[0]
     n_sm, hopper = _device_info(x.device)
@@ -523,46 +598,95 @@ def _launch(x, w, parts, out_dtype, splits, config):
             raise TypeError(f"x is {x.dtype} but w is {w.dtype}")
         qtype, qs, sc, mn = None, w, w, w
         strides = (w.stride(0), w.stride(1), 0)
-    grid, kw, ws_shape, counted = _plan(M, N, K_local, parts, x.dtype == torch.float32, splits, config,
-                                        n_sm, hopper, os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF, qtype,
-                                        SMALL_M if hopper and x.dtype == torch.bfloat16 else 0)
+    grid, kw, ws_shape, counted = _plan_for(x, N, parts, splits, config, qtype)
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     ws = torch.empty(ws_shape, dtype=torch.float32, device=x.device)
     use_pdl = PDL and x.device.type == "cuda"
-    _tbik_kernel[grid](x, qs, sc, mn, out, ws, _counters(x.device) if counted else ws, M, N,
-                       x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1), PDL=use_pdl, **kw,
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(1) != x.stride(1)):
+        raise ValueError(f"up {tuple(up.shape)} {up.dtype} must be laid out as x {tuple(x.shape)} {x.dtype}")
+    head_dim, epi = rope_kv if rope_kv is not None else (0, (x,) * 6 + (0,) * 5)
+    if rope_kv is not None and (out_dtype != x.dtype or parts != 1 or N != epi[6] + 2 * epi[7] or kw["BN"] % 2):
+        raise ValueError("the rope_kv epilogue needs a whole qkv output in x's dtype and an even BLOCK_N")
+    prologue, nw, ro, eps = (1 if up is not None else 0), x, x, 0.0
+    if norm is not None:
+        residual, nw, eps, ro = norm
+        if up is not None or parts != 1 or (residual is not None and residual.shape != x.shape):
+            raise ValueError("the RMSNorm prologue needs whole rows of x (and a residual shaped as x), no up")
+        prologue, up = (2, None) if residual is None else (3, residual)
+    _tbik_kernel[grid](x, x if up is None else up, qs, sc, mn, out, ws, _counters(x.device) if counted else ws,
+                       M, N, x.stride(0), x.stride(1), 0 if up is None else up.stride(0), *strides, out.stride(0),
+                       out.stride(1), *epi, nw, ro, ro.stride(0), K_local, eps, PDL=use_pdl, PROLOGUE=prologue,
+                       ROPE_KV=rope_kv is not None, HEAD_DIM=head_dim, NBLOCK=triton.next_power_of_2(K_local), **kw,
                        **({"launch_pdl": True} if use_pdl else {}))
     return out
 
 
+def _plan_for(x, N, parts, splits, config, qtype):
+    n_sm, hopper = _device_info(x.device)
+    return _plan(x.shape[0], N, x.shape[1], parts, x.dtype == torch.float32, splits, config, n_sm, hopper,
+                 os.environ.get("TRITON_INTERPRET") == "1", MAX_LEAF, qtype,
+                 SMALL_M if hopper and x.dtype == torch.bfloat16 else 0)
+
+
+NORM_MAX_M = 16   # the RMSNorm prologue up to this M (each program recomputes its rows' norms over all of K)
+
+
+def tbik_norm_matmul(x: torch.Tensor, residual: "torch.Tensor | None", norm_weight: torch.Tensor, eps: float, w,
+                     rope_kv: "tuple | None" = None, splits: "int | None" = None,
+                     config: "Config | None" = None) -> "tuple[torch.Tensor, torch.Tensor]":
+    """rmsnorm_triton.rmsnorm(x [+ residual]) @ w.T along the TBIK tree, in x's dtype, and the new
+    residual stream (x itself when residual is None); ``rope_kv`` as in tbik_matmul.  One kernel
+    (the norm in its prologue) where that gives the RMSNorm kernel's bits: up to NORM_MAX_M rows, in
+    a launch of the RMSNorm kernel's num_warps (rms_row reduces in the order of the kernel's layout);
+    else the RMSNorm kernel, then tbik_matmul."""
+    M, K = x.shape
+    qtype = w.qtype if isinstance(w, QuantWeight) else None
+    x_ = x if x.stride(1) == 1 else x.contiguous()
+    if M <= NORM_MAX_M and (residual is None or residual.stride(1) == 1) and \
+            _plan_for(x_, w.shape[0], 1, splits, config, qtype)[1]["num_warps"] == rmsnorm_warps(K):
+        ro = x if residual is None else torch.empty_like(x_)
+        return _launch(x_, w, 1, x.dtype, splits, config, rope_kv=rope_kv,
+                       norm=(residual, norm_weight, eps, ro)), ro
+    from exactllm.kernels.rmsnorm_triton import rmsnorm
+    h, ro = (rmsnorm(x, norm_weight, eps), x) if residual is None else rmsnorm(x, norm_weight, eps, residual)
+    return tbik_matmul(h, w, out_dtype=x.dtype, splits=splits, config=config, rope_kv=rope_kv), ro
+
+
 def tbik_matmul_partial(x_local: torch.Tensor, w_local, parts: int = 1, splits: "int | None" = None,
-                        config: "Config | None" = None) -> torch.Tensor:
+                        config: "Config | None" = None, up: "torch.Tensor | None" = None) -> torch.Tensor:
     """This rank's subtree root (FP32 [M, N]) of x @ w.T where the global K is split into
     ``parts`` equal contiguous slices; x_local [M, K/parts], w_local [N, K/parts] (bf16, fp16 or
     fp32 in x's dtype, or a QuantWeight: Q4_0/Q4_1/Q8_0 planes read directly, each weight
     dequantized in registers to x's dtype, so the bits equal those of the dequantized weight).
     ``splits`` (programs per output tile)
-    and ``config`` override the launch shape; no choice changes the bits."""
-    return _launch(x_local, w_local, parts, torch.float32, splits, config)
+    and ``config`` override the launch shape; no choice changes the bits.  ``up``: the input is
+    silu(x) * up, as activation_triton.silu_mul gives it (SwiGLU fused into the down projection)."""
+    return _launch(x_local, w_local, parts, torch.float32, splits, config, up)
 
 
 def tbik_matmul(x: torch.Tensor, w, out_dtype: "torch.dtype | None" = None, splits: "int | None" = None,
-                config: "Config | None" = None) -> torch.Tensor:
+                config: "Config | None" = None, up: "torch.Tensor | None" = None,
+                rope_kv: "tuple | None" = None) -> torch.Tensor:
     """x [..., K] @ w[N, K].T along the TBIK tree; FP32 unless ``out_dtype`` (the kernel
-    rounds its FP32 root to it on store)."""
+    rounds its FP32 root to it on store).  ``up``: as in ``tbik_matmul_partial``.  ``rope_kv``
+    (``rope_triton.rope_kv_args``, x 2-D, out_dtype x's): rope_kv in the epilogue of this qkv
+    projection (q columns returned rotated, k and v written to the cache), the bits of
+    ``rope_triton.rope_kv`` run on the unfused output."""
     lead = x.shape[:-1]
-    y = _launch(x.reshape(-1, x.shape[-1]), w, 1, out_dtype or torch.float32, splits, config)
+    if up is not None:
+        up = up.reshape(-1, up.shape[-1])
+    y = _launch(x.reshape(-1, x.shape[-1]), w, 1, out_dtype or torch.float32, splits, config, up, rope_kv)
     return y.reshape(*lead, y.shape[-1])
 
 
 # ---- torch reference: same signature, same tree, plain matmul per leaf ---------------------
 
 def tbik_matmul_partial_ref(x_local: torch.Tensor, w_local, parts: int = 1, splits: "int | None" = None,
-                            config: "Config | None" = None) -> torch.Tensor:
+                            config: "Config | None" = None, up: "torch.Tensor | None" = None) -> torch.Tensor:
     """Reference of ``tbik_matmul_partial``: each leaf is a float32 torch matmul over its K
     span, and the leaves are summed along the same tree.  Close to, not bit-equal to, the
     kernel (the order inside a leaf differs); ``splits`` and ``config`` have no effect."""
-    x = x_local.float()
+    x = (x_local if up is None else silu_mul_ref(x_local, up)).float()
     w = _dense(w_local, x_local.dtype).float()   # a quantized weight as the kernel sees it
     ts = tree_shape(x.shape[1], parts)
     L, leaf = ts.piece_len, ts.leaf
@@ -575,8 +699,11 @@ def tbik_matmul_partial_ref(x_local: torch.Tensor, w_local, parts: int = 1, spli
 
 
 def tbik_matmul_ref(x: torch.Tensor, w, out_dtype: "torch.dtype | None" = None, splits: "int | None" = None,
-                    config: "Config | None" = None) -> torch.Tensor:
+                    config: "Config | None" = None, up: "torch.Tensor | None" = None,
+                    rope_kv: "tuple | None" = None) -> torch.Tensor:
     lead = x.shape[:-1]
-    y = tbik_matmul_partial_ref(x.reshape(-1, x.shape[-1]), w, 1)
+    y = tbik_matmul_partial_ref(x.reshape(-1, x.shape[-1]), w, 1,
+                                up=None if up is None else up.reshape(-1, up.shape[-1]))
     y = y.reshape(*lead, y.shape[-1])
-    return y if out_dtype is None else y.to(out_dtype)
+    y = y if out_dtype is None else y.to(out_dtype)
+    return y if rope_kv is None else qkv_rope_kv_ref(y, rope_kv)

@@ -122,6 +122,9 @@ class Ops:
         if QGEMV_NORM and self._qgemv(x, w):
             from exactllm.kernels import qgemv_triton
             return qgemv_triton.norm_gemv(x, residual, norm_weight, eps, w)
+        if self._tbik(w):   # the RMSNorm in the tree's prologue where that gives the norm kernel's bits
+            from exactllm.kernels.tree_matmul_triton import tbik_norm_matmul
+            return tbik_norm_matmul(x, residual, norm_weight, eps, w)
         if residual is None:
             return self.linear(self.rmsnorm(x, norm_weight, eps), w), x
         h, residual = self.rmsnorm(x, norm_weight, eps, residual)
@@ -141,6 +144,18 @@ class Ops:
             rope_kv = gemv_triton.RopeKV(q_width, kv_width, head_dim, positions, cos, sin, k_cache, v_cache,
                                          slot_mapping)
             qkv, residual = gemv_triton.norm_gemv_rope_kv(x, residual, norm_weight, eps, w, rope_kv)
+            return qkv[:, :q_width].view(t, n_heads, head_dim), residual
+        if self._cuda and self.numerics.invariant:   # RoPE + KV write in the invariant linear's epilogue
+            from exactllm.kernels import rope_triton
+            rope_kv = rope_triton.rope_kv_args(q_width, kv_width, head_dim, positions, cos, sin, k_cache, v_cache,
+                                               slot_mapping)
+            if self._tbik(w):   # and the RMSNorm in its prologue
+                from exactllm.kernels.tree_matmul_triton import tbik_norm_matmul
+                qkv, residual = tbik_norm_matmul(x, residual, norm_weight, eps, w, rope_kv=rope_kv)
+            else:
+                h, residual = self.rmsnorm(x, norm_weight, eps, residual) if residual is not None else \
+                    (self.rmsnorm(x, norm_weight, eps), x)
+                qkv = self._invariant_linear(h, w, rope_kv=rope_kv)
             return qkv[:, :q_width].view(t, n_heads, head_dim), residual
         qkv, residual = self.norm_linear(x, residual, norm_weight, eps, w)
         q, k, v = (part.view(t, -1, head_dim) for part in qkv.split((q_width, kv_width, kv_width), dim=-1))
@@ -168,9 +183,28 @@ class Ops:
         elif GEMV_SWIGLU and self._gemv(gate, w):
             from exactllm.kernels import gemv_triton
             y = gemv_triton.silu_gemv(gate, up, w)
+        elif self._cuda and self.numerics.invariant and tp.world == 1:   # SwiGLU in the linear's prologue
+            return self._invariant_linear(gate, w, up=up)
+        elif self._cuda and self.numerics.tree:
+            from exactllm.kernels.tree_matmul_triton import tbik_matmul_partial
+            return tp.tree_allreduce(tbik_matmul_partial(gate, w, tp.world, up=up)).to(gate.dtype)
         else:
             return self.row_parallel_linear(self.silu_mul(gate, up), w, tp)
         return y if tp.world == 1 else tp.all_reduce(y.float()).to(y.dtype)
+
+    def _tbik(self, w) -> bool:
+        """Whether ``linear`` runs the TBIK tree of tree_matmul_triton (CUDA: tp_invariant, and
+        batch_invariant on quantized weights)."""
+        return self._cuda and (self.numerics.tree or (self.numerics.invariant and isinstance(w, QuantWeight)))
+
+    def _invariant_linear(self, x, w, up=None, rope_kv=None):
+        """``linear`` on CUDA in an invariant mode with a fused SwiGLU prologue (``up``) or rope_kv
+        epilogue: the same kernel as ``linear``, the bits of the separate kernels (tests/test_tree_matmul_fused.py)."""
+        if self.numerics.tree:
+            from exactllm.kernels.tree_matmul_triton import tbik_matmul
+            return tbik_matmul(x, w, out_dtype=x.dtype, up=up, rope_kv=rope_kv)
+        from exactllm.kernels import matmul_triton
+        return matmul_triton.linear(x, w, invariant=True, up=up, rope_kv=rope_kv)
 
     def rmsnorm(self, x, weight, eps, residual=None):
         if self._exact_cpu:
