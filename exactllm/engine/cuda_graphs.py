@@ -48,10 +48,6 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = None
         self.uploaded = torch.cuda.Event() if device.type == "cuda" else None  # the host buffers' last copy
-        # tensor parallelism (engine/tp_workers.py): called with each step's staged inputs before rank 0
-        # replays it, so that the worker ranks replay the same graph and its collectives pair up
-        self.mirror = None
-        self.tp_world = getattr(getattr(model, "tp", None), "world", 1)
 
     def accepts(self, chunks) -> bool:
         return len(chunks) <= self.max_batch and all(ch.length == 1 and ch.completes for ch in chunks)
@@ -59,9 +55,8 @@ class DecodeGraphs:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _fill(self, chunks, bucket: int, ids: torch.Tensor | None = None) -> int:
-        """Stage the step's inputs in the host buffers and upload them; the block tables' width.
-        ids: the step's token ids on the device (else each sequence's last token, from the host)."""
+    def _fill(self, chunks, bucket: int, ids: torch.Tensor | None = None) -> None:
+        """ids: the step's token ids on the device (else each sequence's last token, from the host)."""
         n, bs = len(chunks), self.block_size
         if self.uploaded is not None:
             self.uploaded.synchronize()
@@ -78,10 +73,6 @@ class DecodeGraphs:
         tables = self.block_tables.gather([ch.seq for ch in chunks])
         width = tables.shape[1]
         self.host_tables_np[:n, :width] = tables
-        self._upload(n, width, ids)
-        return width
-
-    def _upload(self, n: int, width: int, ids: torch.Tensor | None = None) -> None:
         self.dev.copy_(self.host, non_blocking=True)
         self.tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
         if self.uploaded is not None:
@@ -103,14 +94,7 @@ class DecodeGraphs:
             self._forward(b)  # warm-up: compiles kernels, tunes GEMV tiles, writes the same KV values
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        mode = "global"
-        if self.tp_world > 1:
-            # NCCL collectives inside: let the warm-up's finish first, and capture in thread-local
-            # mode, since the process group's watchdog thread polls their events meanwhile (in
-            # global mode that invalidates the capture)
-            torch.cuda.synchronize(self.device)
-            mode = "thread_local"
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
+        with torch.cuda.graph(graph, pool=self.pool):
             out = self._forward(b)
         self.pool = graph.pool()
         self.graphs[b] = (graph, out)
@@ -144,26 +128,11 @@ class DecodeGraphs:
     def run(self, chunks, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 logits [len(chunks), vocab] of a pure-decode step, and its greedy picks
         [len(chunks), 2] (``Ops.greedy_pick``: token, log-prob). ids: see _fill."""
-        n, b = len(chunks), self._bucket(len(chunks))
-        width = self._fill(chunks, b, ids)
-        if self.mirror is not None:
-            self.mirror((n, b, self.host_np[:, :b].copy(), self.host_tables_np[:n, :width].copy()))
-        return self._replay(n, b)
-
-    def _replay(self, n: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._bucket(len(chunks))
+        self._fill(chunks, b, ids)
         if b not in self.graphs:
             self._capture(b)
         graph, (logits, picks) = self.graphs[b]
         graph.replay()
+        n = len(chunks)
         return logits[:n], picks[:n]
-
-    @torch.inference_mode()
-    def replay_staged(self, n: int, b: int, columns, tables) -> None:
-        """A tensor-parallel worker rank's half of ``run``: the inputs rank 0 staged (``mirror``),
-        the same bucket's graph (captured here at the same step as there, where it is new)."""
-        if self.uploaded is not None:
-            self.uploaded.synchronize()
-        self.host_np[:, :b] = columns
-        self.host_tables_np[:n, :tables.shape[1]] = tables
-        self._upload(n, tables.shape[1])
-        self._replay(n, b)

@@ -96,10 +96,6 @@ def _worker_main(rank: int, world: int, port: int, model_name: str, model_config
                 os._exit(0)
             if msg[0] == "step":
                 engine.runner.forward_logits(msg[1])
-            elif msg[0] == "replay":
-                engine.runner.graphs.replay_staged(*msg[1])
-            elif msg[0] == "capture":
-                conn.send(("ok", engine.runner.capture_graphs(msg[1])))
             elif msg[0] == "call":
                 conn.send(("ok", msg[1](engine, *msg[2])))
             else:  # "stop"
@@ -130,7 +126,6 @@ class TPWorkerPool:
                              f"visible (set {SHARE_GPUS_ENV}=1 to place several ranks on one GPU, slowly, "
                              f"to check bits)")
         self.world, self.broken, self.closed = world, False, False
-        self.graphs = _backend(cfg.device) == "nccl"  # NCCL collectives can be captured in CUDA graphs
         ctx = mp.get_context("spawn")
         port = free_port()
         self.conns, self.procs = [], []
@@ -235,17 +230,6 @@ class TPWorkerPool:
         """Run one step's forward on every rank; rank 0's logits come back."""
         return self._guard(lambda: (self._send(("step", inputs)), local_forward(inputs))[1])
 
-    def collective(self, msg, local):
-        """Send msg to every worker, run local() here meanwhile (its collectives pair up with theirs),
-        then wait for the workers' replies; local()'s result."""
-        def run():
-            self._send(msg)
-            out = local()
-            for r in range(1, self.world):
-                self._reply(r)
-            return out
-        return self._guard(run)
-
     def call(self, fn, *args) -> list:
         """fn(engine, *args) on every worker rank (fn importable at module level); results by rank 1..N-1.
         For inspection; fn must not run collectives."""
@@ -279,45 +263,25 @@ class TPWorkerPool:
 
 
 class TPRunner:
-    """The driver's ModelRunner, with every forward run on all ranks (same ``step`` contract).
-
-    Pure-decode steps replay CUDA graphs on every rank where the collectives are NCCL's: rank 0
-    stages a step's inputs, sends them to the workers (DecodeGraphs.mirror), and every rank
-    replays its graph of the same bucket (captured at the same step everywhere, so the captures'
-    warm-up collectives pair up). Other steps run eagerly on all ranks."""
+    """The driver's ModelRunner, with every forward run on all ranks (same ``step`` contract)."""
 
     def __init__(self, runner, pool: TPWorkerPool):
         self.inner, self.pool = runner, pool
-        runner.prompt_graphs = None  # prompt steps are not mirrored: eager on every rank
-        if runner.graphs is not None and not pool.graphs:
-            runner.graphs = None  # gloo between ranks sharing a GPU goes through host memory
-        if runner.graphs is not None:
-            runner.graphs.mirror = lambda staged: pool._guard(lambda: pool._send(("replay", staged)))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def capture_graphs(self, max_batch: int) -> list[int]:
-        if self.inner.graphs is None:
-            return []
-        return self.pool.collective(("capture", max_batch), lambda: self.inner.capture_graphs(max_batch))
+        # every step runs eagerly on all ranks: a graph captured on rank 0 alone would hang, and decode
+        # graphs replayed on every rank (NCCL collectives captured) hung on the H200 x2 host: see
+        # BENCHMARKS.md "Multi-GPU"
+        return []
 
     def forward_logits(self, inputs):
         return self.pool.forward(inputs, self.inner.forward_logits)
 
-    def _forward_for(self, chunks, forward, feed=None):
-        """forward as the inner runner should get it: None (a mirrored graph replay) only where its
-        decode graphs take the step, else the eager forward on all ranks."""
-        graphs = self.inner.graphs
-        if forward is None and feed is None and graphs is not None and graphs.accepts(chunks):
-            return None
-        return forward or self.forward_logits
-
-    def launch(self, chunks, randoms: dict, forward=None, feed=None):
-        return self.inner.launch(chunks, randoms, self._forward_for(chunks, forward, feed), feed)
-
     def step(self, chunks, randoms: dict, forward=None) -> list[tuple]:
-        return self.inner.step(chunks, randoms, self._forward_for(chunks, forward))
+        return self.inner.step(chunks, randoms, forward or self.forward_logits)
 
 
 def start_pool(source: ModelSource, cfg: EngineConfig) -> tuple[TPWorkerPool, LLMEngine]:
