@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from invariance_gpu import TARGETS, filler, release, sync  # noqa: E402
 
 
-def serve(model: str, mode: str, tp: int, batch_sizes: list[int], tokens: int, device: str) -> tuple[dict, dict]:
+def serve(model: str, mode: str, tp: int, batch_sizes: list[int], tokens: int, device: str,
+          repeats: int = 2) -> tuple[dict, dict]:
     """{batch size: the targets' outputs}, {batch size: generated tok/s} at one TP size."""
     llm = LLM(model, device=device, numerics=mode, tensor_parallel_size=tp, max_num_seqs=max(batch_sizes))
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -35,7 +36,7 @@ def serve(model: str, mode: str, tp: int, batch_sizes: list[int], tokens: int, d
     try:
         llm.generate(TARGETS[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
         for bs in batch_sizes:
-            for _ in range(2):  # the first run captures graphs and compiles; time the second
+            for _ in range(repeats):  # the first run captures graphs and compiles; time the last
                 sync(device)
                 t0 = time.perf_counter()
                 if bs == 1:
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda", help="cpu: gloo ranks, for a smoke test")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per batch size (tok/s of the last)")
     a = ap.parse_args()
     tps = [int(v) for v in a.tps.split(",")]
     sizes = [int(v) for v in a.batch_sizes.split(",")]
@@ -107,7 +109,7 @@ def main() -> None:
     for mode in a.modes.split(","):
         base = None
         for tp in tps:
-            runs, speed = serve(a.model, mode, tp, sizes, a.tokens, a.device)
+            runs, speed = serve(a.model, mode, tp, sizes, a.tokens, a.device, a.repeats)
             base = base or runs[sizes[0]]
             for bs in sizes:
                 logp, tok = differing(runs[bs], base)
