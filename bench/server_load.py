@@ -8,7 +8,8 @@ and the server's overhead against offline LLM.generate on the same work.
 Each level runs C closed-loop clients, each sending `rounds` streaming requests one after
 another (greedy, ignore_eos, exactly max_tokens tokens each), spread over --client-procs load
 generator processes (one asyncio loop parsing 64 streams cannot keep up with a GPU; measure the
-load generator alone with --client-check). The offline baseline runs the same prompts through
+load generator alone with --client-check). The clients parse HTTP and SSE by hand
+(LeanConnection; --client httpx for the httpx client of earlier results, ~6x its CPU per event). The offline baseline runs the same prompts through
 LLM.generate in groups of C, one group after another, which is the batch shape the server sees.
 The server runs as processes of its own (`exactllm serve`: HTTP and engine), idle while the
 offline engine (in this process) runs. Before each level both sides run one untimed group of C (CUDA graphs of the
@@ -81,16 +82,108 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": ntok, "chunks": chunks, "latency": time.perf_counter() - t0}
 
 
-async def run_clients(url: str, model: str, work: list[list[str]], max_tokens: int, go: float) -> dict:
+class LeanConnection:
+    """One keep-alive HTTP/1.1 connection that sends requests as bytes and parses the chunked SSE
+    answer by hand, json-decoding each event as stream_one does (token counts, timestamps): about
+    a fifth of httpx's CPU per event. Under 64 streams the load generator otherwise burned most
+    of the 16 cores the server shares with it (bench/results/server_load_cuda_s7.json)."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> "LeanConnection":
+        host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def _head(self) -> tuple[int, bytes]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), head.lower()
+
+    async def _body(self, head: bytes) -> bytes:
+        if b"transfer-encoding: chunked" not in head:
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length:"))
+            return await self.reader.readexactly(length)
+        return b"".join([part async for part in self._chunks()])
+
+    async def _chunks(self):
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return
+            yield (await self.reader.readexactly(size + 2))[:-2]
+
+    async def get(self, path: str) -> int:
+        self.writer.write(b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % path.encode())
+        status, head = await self._head()
+        await self._body(head)
+        return status
+
+    async def stream(self, body: dict) -> dict:
+        """stream_one over this connection."""
+        data = json.dumps(body).encode()
+        t0 = time.perf_counter()
+        self.writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (len(data), data))
+        status, head = await self._head()
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {(await self._body(head)).decode()}")
+        stamps, done, chunks, buf = [], False, 0, b""
+        async for part in self._chunks():
+            buf += part
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: "):
+                    continue
+                if ev == b"data: [DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(ev[6:])
+                chunks += 1
+                k = len(chunk["choices"][0]["logprobs"]["tokens"])
+                if k:
+                    stamps.append((time.perf_counter(), k))
+        if not done:
+            raise RuntimeError("stream ended without [DONE]")
+        itl = [(b - a) / k for (a, _), (b, k) in zip(stamps, stamps[1:])]
+        return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": sum(k for _, k in stamps), "chunks": chunks,
+                "latency": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def run_clients(url: str, model: str, work: list[list[str]], max_tokens: int, go: float,
+                      kind: str = "lean") -> dict:
     """One closed-loop client per list in work, each sending its prompts one after another,
-    from time.monotonic() == go; the connections are opened before that."""
+    from time.monotonic() == go; the connections are opened before that. kind: lean
+    (LeanConnection) or httpx (one AsyncClient for the process's connections)."""
     results = []
+
+    def body(prompt):
+        return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "logprobs": 0}
+
+    if kind == "lean":
+        conns = [await LeanConnection.open(url) for _ in work]
+        assert all(s == 200 for s in await asyncio.gather(*(c.get("/health") for c in conns)))
+
+        async def lean_loop(conn, prompts):
+            for prompt in prompts:
+                results.append(await conn.stream(body(prompt)))
+
+        await asyncio.sleep(max(0.0, go - time.monotonic()))
+        t0, cpu0 = time.monotonic(), time.process_time()
+        await asyncio.gather(*(lean_loop(c, prompts) for c, prompts in zip(conns, work)))
+        t1, cpu1 = time.monotonic(), time.process_time()
+        for c in conns:
+            c.close()
+        return {"start": t0, "end": t1, "results": results, "cpu_s": cpu1 - cpu0}
 
     async def client_loop(client, prompts):
         for prompt in prompts:
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                    "ignore_eos": True, "stream": True, "logprobs": 0}
-            results.append(await stream_one(client, url, body))
+            results.append(await stream_one(client, url, body(prompt)))
 
     limits = httpx.Limits(max_connections=len(work), max_keepalive_connections=len(work))
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
@@ -102,9 +195,12 @@ async def run_clients(url: str, model: str, work: list[list[str]], max_tokens: i
     return {"start": t0, "end": t1, "results": results, "cpu_s": cpu1 - cpu0}
 
 
-def client_process(url: str, model: str, work: list[list[str]], max_tokens: int, go: float) -> dict:
+def client_process(url: str, model: str, work: list[list[str]], max_tokens: int, go: float, kind: str) -> dict:
     """A load-generator process (see run_clients)."""
-    return asyncio.run(run_clients(url, model, work, max_tokens, go))
+    return asyncio.run(run_clients(url, model, work, max_tokens, go, kind))
+
+
+CLIENT = "lean"  # the load generator run_level uses (main sets it from --client)
 
 
 def run_level(pool: ProcessPoolExecutor, procs: int, url: str, model: str, prompts: list[str], concurrency: int,
@@ -116,8 +212,8 @@ def run_level(pool: ProcessPoolExecutor, procs: int, url: str, model: str, promp
     procs = min(procs, concurrency)
     go = time.monotonic() + 0.5
     cpu0 = server.cpu() if server else {}
-    futs = [pool.submit(client_process, url, model, clients[p::procs], max_tokens, go) for p in range(procs)]
-    parts = [f.result() for f in futs]
+    futs = [pool.submit(client_process, url, model, clients[p::procs], max_tokens, go, CLIENT) for p in range(procs)]
+    parts = [f.result(timeout=900) for f in futs]
     cpu = {k: v - cpu0[k] for k, v in server.cpu().items()} if server else {}
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     results = [r for p in parts for r in p["results"]]
@@ -286,11 +382,15 @@ def main() -> None:
                     help="first time the load generator alone against a stub server that answers at once")
     ap.add_argument("--serve-args", default="",
                     help="more `exactllm serve` flags, e.g. --serve-args='--admission-window-ms 20'")
+    ap.add_argument("--client", default="lean", choices=["lean", "httpx"],
+                    help="load generator: raw-socket SSE parsing (lean) or httpx (what earlier results used)")
     ap.add_argument("--variant", action="append", default=[],
                     help="LABEL=FLAGS: a server with these more flags (repeatable; all run in turn in one run), "
                          "e.g. --variant='one=' --variant='api4=--api-servers 4'")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/server_load_<device>.json)")
     args = ap.parse_args()
+    global CLIENT
+    CLIENT = args.client
 
     variants = [v.partition("=")[::2] for v in args.variant] or [("server", "")]
     work = {c: prompts_for(c, c * args.rounds) for c in args.concurrency}
@@ -346,7 +446,7 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
     result = {"model": model, "device": args.device, "device_name": device_name, "numerics": args.numerics,
-              "serve_args": args.serve_args, "variants": dict(variants),
+              "serve_args": args.serve_args, "variants": dict(variants), "client": args.client,
               "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
               "client_procs": args.client_procs, "cpu_count": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_end": os.getloadavg(), "levels": rows}
