@@ -248,6 +248,8 @@ class Server:
             cmd += ["--model", args.model]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
+        if args.max_num_seqs:
+            cmd += ["--max-num-seqs", str(args.max_num_seqs)]
         cmd += shlex.split(args.serve_args) + shlex.split(flags)
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
@@ -331,7 +333,8 @@ class Offline:
     def __init__(self, args):
         from exactllm import LLM, SamplingParams
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="offline-engine")
-        self.llm = LLM(model=args.model, device=args.device, dtype=args.dtype, numerics=args.numerics)
+        self.llm = LLM(model=args.model, device=args.device, dtype=args.dtype, numerics=args.numerics,
+                       **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
         self.params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         self.max_tokens = args.max_tokens
         self.pool.submit(self._warm).result()
@@ -382,6 +385,8 @@ def main() -> None:
                     help="first time the load generator alone against a stub server that answers at once")
     ap.add_argument("--serve-args", default="",
                     help="more `exactllm serve` flags, e.g. --serve-args='--admission-window-ms 20'")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="both sides' batch limit (fewer CUDA graphs to capture at start; default the engine's)")
     ap.add_argument("--client", default="lean", choices=["lean", "httpx"],
                     help="load generator: raw-socket SSE parsing (lean) or httpx (what earlier results used)")
     ap.add_argument("--variant", action="append", default=[],
@@ -446,7 +451,7 @@ def main() -> None:
     else:
         device_name = f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
     result = {"model": model, "device": args.device, "device_name": device_name, "numerics": args.numerics,
-              "serve_args": args.serve_args, "variants": dict(variants), "client": args.client,
+              "serve_args": args.serve_args, "max_num_seqs": args.max_num_seqs, "variants": dict(variants), "client": args.client,
               "max_tokens": args.max_tokens, "rounds": args.rounds, "repeats": args.repeats,
               "client_procs": args.client_procs, "cpu_count": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_end": os.getloadavg(), "levels": rows}
