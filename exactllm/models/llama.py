@@ -41,10 +41,10 @@ class MLP(nn.Module):
         return self.ops.swiglu_linear(self.ops.linear(x, self.gate_up.value), self.down.value, self.tp)
 
     def forward_norm(self, x, residual, norm_weight, eps):
-        """forward(rmsnorm(x [+ residual])) with the norm fused into the gate/up projection where the
-        ops can (Ops.norm_linear); returns the output and the new residual stream."""
-        gate_up, residual = self.ops.norm_linear(x, residual, norm_weight, eps, self.gate_up.value)
-        return self.ops.swiglu_linear(gate_up, self.down.value, self.tp), residual
+        """forward(rmsnorm(x [+ residual])) with the norm fused into the gate/up projection, and the
+        SwiGLU into its epilogue, where the ops can (Ops.norm_mlp); returns the output and the new
+        residual stream."""
+        return self.ops.norm_mlp(x, residual, norm_weight, eps, self.gate_up.value, self.down.value, self.tp)
 
 
 class DecoderLayer(nn.Module):
