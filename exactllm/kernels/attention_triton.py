@@ -105,7 +105,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     d = tl.arange(0, HEAD_DIM)
-    if DECODE:  # one query row per sequence: tile s is row s of sequence s (only indexing differs)
+    # DECODE: one query row per sequence, tile s is row s of sequence s (only indexing differs)
+    if DECODE and not INVARIANT:
         s = tile
         q_start = tile
         q_len = 1
@@ -127,6 +128,14 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
         new_page = tl.load(bt_row + newest // PAGE, mask=new_in, other=0).to(tl.int64)
         new_off = new_page * stride_kb + (newest % PAGE) * stride_kt + kvh * stride_kh
         pdl.enter(PDL)
+    elif DECODE:  # the invariant modes keep the order that was checked on the GPU (decode == prefill bits)
+        pdl.enter(PDL)
+        s = tile
+        q_start = tile
+        q_len = 1
+        t0 = 0
+        ctx = tl.load(ctx_ptr + s)
+        bt_row = bt_ptr + s.to(tl.int64) * stride_bt
     else:
         pdl.enter(PDL)
         if tile >= tl.load(tile_cu_ptr + n_seqs):
@@ -172,7 +181,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr, cu_q_ptr, 
     else:
         full_end = lo + tl.maximum(tl.minimum(hi, ctx - q_len + t0 + 1) - lo, 0) // BLOCK_N * BLOCK_N
     first = lo
-    if DECODE:  # the preloaded chunk, the newest key patched in: the very tile the loop would load
+    if DECODE and not INVARIANT:  # the preloaded chunk, the newest key patched in: the tile the loop would load
         k_new = tl.load(k_ptr + new_off + d, mask=tl.where(new_in, d < HEAD_DIM, False), other=0.0)
         v_new = tl.load(v_ptr + new_off + d, mask=tl.where(new_in, d < HEAD_DIM, False), other=0.0)
         is_new = (kpos0 == newest)[:, None]
