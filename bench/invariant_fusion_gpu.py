@@ -85,7 +85,11 @@ def main() -> None:
                 slots[m // 2] = -1
                 caches = [torch.randn(64, 16, KVW // D, D, device=dev, generator=g).bfloat16() for _ in range(2)]
                 qa = (lin, x, ws["qkv"], caches, pos, cos, sin, slots)
-                same_qkv = [torch.equal(f, u) for f, u in zip(qkv_case(*qa, True), qkv_case(*qa, False))]
+                fused_out, unfused_out = qkv_case(*qa, True), qkv_case(*qa, False)
+                same_qkv = [torch.equal(f, u) for f, u in zip(fused_out, unfused_out)]
+                if not same_qkv[0]:   # where: (row, column) of the first differing outputs
+                    bad = (fused_out[0] != unfused_out[0]).nonzero().tolist()
+                    print("differs at", len(bad), bad[:12], "slots", slots.tolist(), flush=True)
                 same_down = torch.equal(down_case(lin, gate, up, ws["down"], True),
                                         down_case(lin, gate, up, ws["down"], False))
                 rec = {"wtype": wtype, "linear": name, "M": m, "qkv_out_cache_k_cache_v_same": same_qkv,

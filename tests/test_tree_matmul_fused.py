@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from exactllm.formats.quant import QuantWeight  # noqa: E402
 from exactllm.kernels import activation_triton, matmul_triton, rope, rope_triton  # noqa: E402
+import exactllm.kernels.tree_matmul_triton as tk  # noqa: E402
 from exactllm.kernels.tree import combine_partials  # noqa: E402
 from exactllm.kernels.tree_matmul_triton import (Config, tbik_matmul, tbik_matmul_partial,  # noqa: E402
                                                  tbik_matmul_ref)
@@ -63,9 +64,15 @@ def _tbik(cfg, splits):
     return lambda x, w, **kw: tbik_matmul(x, w, out_dtype=x.dtype, config=cfg, splits=splits, **kw)
 
 
+@pytest.mark.parametrize("rope_swap", [True, False], ids=["swap_epilogue", "swap_kernel"])
 @pytest.mark.parametrize("qtype", [None, "q8_0", "q4_1"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["32x32", "swap16x64", "swap16x32"])
-def test_tbik_rope_kv_epilogue_same_bits(cfg, qtype):
+def test_tbik_rope_kv_epilogue_same_bits(cfg, qtype, rope_swap, monkeypatch):
+    """ROPE_SWAP off (the default: a GPU mismatch, see tree_matmul_triton) sends swapped tiles to the
+    rope_kv kernel after the tree; on, the epilogue code of the swapped tile is checked here too."""
+    if rope_swap is False and not cfg.swap:
+        pytest.skip("ROPE_SWAP only concerns swapped tiles")
+    monkeypatch.setattr(tk, "ROPE_SWAP", rope_swap)
     x, w, rope_in, caches, seed = _qkv_case(M=5, qtype=qtype)
     for splits in (1, 4):                   # the epilogue runs in the program that combines the splits
         want = _unfused_qkv(_tbik(cfg, splits), x, w, rope_in, caches)

@@ -145,3 +145,14 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(1), k_cache.stride(2),
             HALF=d // 2, BLOCK_H=bh, WRITE_KV=True, PDL=use_pdl, num_warps=1, **pdl.launch_kwargs(use_pdl))
     return q
+
+
+def rope_kv_qkv(qkv: torch.Tensor, args: tuple) -> torch.Tensor:
+    """``rope_kv`` on a qkv output [T, q_width + 2 kv_width] (q rotated in place, k and v to the
+    caches), its arguments given as ``rope_kv_args`` returns them: what the ``rope_kv_tile``
+    epilogue does, as a kernel of its own (where a linear runs without that epilogue)."""
+    d, (positions, cos, sin, slot_mapping, k_cache, v_cache, q_width, kv_width) = args[0], args[1][:8]
+    t = qkv.shape[0]
+    q, k, v = (p.view(t, -1, d) for p in qkv.split((q_width, kv_width, kv_width), dim=-1))
+    rope_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+    return qkv

@@ -28,6 +28,18 @@ tile sizes BLOCK_M/BLOCK_N only choose which program computes an output element.
 configs therefore may follow M (``pick_config``); bench/tbik_matmul.py checks on the GPU that
 every config gives the same bits.
 
+Fusions (the ops around a decoder layer's linears, with the bits of the separate kernels, so the
+invariant modes keep train == serve whichever path runs; tests/test_tree_matmul_fused.py under the
+interpreter, bench/invariant_fusion_gpu.py on the GPU): ``up=`` reads gate and up and feeds
+silu(gate) * up, rounded as activation_triton's SwiGLU kernel, to the down projection;
+``tbik_norm_matmul`` puts the RMSNorm (and the residual add) in the prologue up to NORM_MAX_M rows,
+each program computing its rows' inverse RMS with rmsnorm_triton.rms_row, the norm kernel's own code
+in a launch of the same num_warps (same reduce layout); ``rope_kv=`` runs RoPE and the KV-cache write
+in the qkv projection's epilogue (rope_triton.rope_kv_tile), except on the swapped tile (ROPE_SWAP).
+H100, 2026-11-23 (BF16, Q8_0): SwiGLU prologue and rope epilogue equal to the separate kernels at
+M = 1, 5, 17, 300, the norm prologue at M = 1, 5, except the rope epilogue on the swapped BF16 tile
+at M = 5, hence ROPE_SWAP off.
+
 Small M (``Config.swap``, up to SMALL_M rows): the tile is turned round, acc [BLOCK_N, BLOCK_M] +=
 w [BLOCK_N, BK] @ x.T [BK, BLOCK_M], so the weights fill the wgmma's 64-row side and x its
 16-wide side (m64n16k16 instead of m64n64k16 with 63 of 64 rows idle at M=1).  A leaf cannot
@@ -53,7 +65,7 @@ from exactllm.formats.quant import QuantWeight
 from exactllm.kernels.matmul_triton import QCODES, _is_hopper, _nibble_f32, dequantize, silu_mul_input
 from exactllm.kernels.rmsnorm_triton import num_warps as rmsnorm_warps
 from exactllm.kernels.rmsnorm_triton import rms_row
-from exactllm.kernels.rope_triton import rope_kv_tile
+from exactllm.kernels.rope_triton import rope_kv_qkv, rope_kv_tile
 from exactllm.kernels.activation import silu_mul_ref
 from exactllm.kernels.rope import qkv_rope_kv_ref
 from exactllm.kernels.tree import combine_partials, k_pieces
@@ -604,6 +616,9 @@ def _launch(x, w, parts, out_dtype, splits, config, up=None, rope_kv=None, norm=
     use_pdl = PDL and x.device.type == "cuda"
     if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.stride(1) != x.stride(1)):
         raise ValueError(f"up {tuple(up.shape)} {up.dtype} must be laid out as x {tuple(x.shape)} {x.dtype}")
+    if rope_kv is not None and kw["SWAP"] and not ROPE_SWAP:   # the rope_kv kernel after the tree
+        out = _launch(x, w, parts, out_dtype, splits, config, up, None, norm)
+        return rope_kv_qkv(out, rope_kv)
     head_dim, epi = rope_kv if rope_kv is not None else (0, (x,) * 6 + (0,) * 5)
     if rope_kv is not None and (out_dtype != x.dtype or parts != 1 or N != epi[6] + 2 * epi[7] or kw["BN"] % 2):
         raise ValueError("the rope_kv epilogue needs a whole qkv output in x's dtype and an even BLOCK_N")
@@ -628,6 +643,11 @@ def _plan_for(x, N, parts, splits, config, qtype):
                  SMALL_M if hopper and x.dtype == torch.bfloat16 else 0)
 
 
+# The rope_kv epilogue on the swapped small-M tile: off. On the H100 (bench/invariant_fusion_gpu.py,
+# 2026-11-23) it gave the bits of tree + rope_kv kernel for Q8_0 at M=1 and 5 and BF16 at M=1, but not
+# for BF16 at M=5 (the q outputs; k and v caches equal); cause not found, so small M keeps the RoPE
+# kernel.  The large-M tile (checked at M=17, 300) and the batch-invariant GEMM keep the epilogue.
+ROPE_SWAP = False
 NORM_MAX_M = 16   # the RMSNorm prologue up to this M (each program recomputes its rows' norms over all of K)
 
 

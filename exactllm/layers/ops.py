@@ -16,7 +16,10 @@
   quantized linears the TBIK tree (batch invariant as well, and it may split K at small M);
   attention with the fixed KV split size numerics.kv_split for prefill, chunked prefill and decode
   alike; RMSNorm/RoPE/SwiGLU are one-row-per-program or elementwise, so invariant in every mode.
-  tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py).
+  tp_invariant: linears follow the TBIK tile tree (kernels/tree_matmul_triton.py). In both invariant
+  modes on CUDA the SwiGLU goes into the down projection's prologue, RoPE + KV write into the qkv
+  projection's epilogue, and (TBIK) the RMSNorm into the prologue at small M: the bits of the
+  separate kernels, so train == serve (tests/test_tree_matmul_fused.py, bench/invariant_fusion_gpu.py).
 """
 from __future__ import annotations
 
