@@ -117,20 +117,7 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
     ctx = multiprocessing.get_context("spawn")
     in_flight = ctx.Value("q", 0)
     socks = listen_sockets(host, port, n)
-    procs = []
-    for i in range(n):
-        link = EngineLink(engine.conns[i], engine.info, in_flight, n)
-        p = ctx.Process(target=api_server_main, args=(link, socks[i % len(socks)], opts), name=f"exactllm-api-{i}")
-        p.start()
-        procs.append(p)
-    for s in socks:  # the front ends hold them now: closed here, a drained server refuses connections
-        s.close()
-    for conn in engine.conns:
-        conn.close()
-    print(f"exactllm: serving '{opts.name}' on http://{host}:{port}/v1 with {n} API-server processes"
-          f"{' (API key required)' if opts.api_key else ''}", file=sys.stderr, flush=True)
-
-    stopping = []
+    procs, stopping = [], []
 
     def stop(sig, frame=None):
         if not stopping:
@@ -139,8 +126,29 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGTERM)
 
+    # Set before the first front end starts: a start returns only once that process has read its
+    # arguments (seconds, imports included), and the first may already answer meanwhile.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+    for i in range(n):
+        if stopping:
+            break
+        link = EngineLink(engine.conns[i], engine.info, in_flight, n)
+        # Daemonic: should this process end abnormally, multiprocessing terminates them rather
+        # than waiting for them for ever.
+        p = ctx.Process(target=api_server_main, args=(link, socks[i % len(socks)], opts), name=f"exactllm-api-{i}",
+                        daemon=True)
+        p.start()
+        procs.append(p)
+        if stopping:  # the signal came while this one started
+            os.kill(p.pid, signal.SIGTERM)
+    for s in socks:  # the front ends hold them now: closed here, a drained server refuses connections
+        s.close()
+    for conn in engine.conns:
+        conn.close()
+    if not stopping:
+        print(f"exactllm: serving '{opts.name}' on http://{host}:{port}/v1 with {n} API-server processes"
+              f"{' (API key required)' if opts.api_key else ''}", file=sys.stderr, flush=True)
     status = 0
     while any(p.is_alive() for p in procs):
         multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()])
@@ -151,7 +159,9 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
             stop(signal.SIGTERM)
     for p in procs:
         p.join()
-        if p.exitcode != 0:
+        # After a signal, one that was still starting may have ended by it (SIGTERM's default
+        # action, or SystemExit(143) before uvicorn took the signal over): not a failure.
+        if p.exitcode not in ((0, -signal.SIGTERM, 128 + signal.SIGTERM) if status == 0 else (0,)):
             status = 1
     engine.proc.join(30)  # it exits once every front end has stopped
     engine.stop()
