@@ -1,7 +1,7 @@
 """What the HTTP process spends per request and per streamed token under C streaming clients.
 
     PYTHONPATH=. python bench/http_overhead.py [--clients 64] [--rounds 4] [--tokens 1 64] \
-        [--repeats 3] [--decode-ms 1.5] [--prompt-ms 3] [--client-procs 2]
+        [--repeats 3] [--decode-ms 1.5] [--prompt-ms 3] [--client-procs 2] [--api-servers 2]
 
 The server runs in this process as `exactllm serve` runs it (create_app on an EngineClient under
 uvicorn, the same thread switch interval); its engine process runs random:llama-mini with the
@@ -15,6 +15,8 @@ sender thread) per request and per streamed token, SSE chunks received, and on t
 the prompt steps per round and how far apart each round's 64 requests reached it.
 Per-request cost: CPU at T=1 / requests; per-token cost: the slope between the two T values.
 Repeats of each T alternate; medians are reported. Writes bench/results/http_overhead.json.
+With --api-servers N > 1 the HTTP side is N front-end processes as `exactllm serve --api-servers N`
+runs them (server/api_servers.py), and their CPU (from /proc) is what is counted.
 """
 from __future__ import annotations
 
@@ -65,6 +67,11 @@ def take_adds(core) -> list[float]:
     return adds
 
 
+def prompt_steps(core) -> int:
+    """Steps so far that computed prompt tokens (EngineClient.call)."""
+    return core.admission.steps["prompt"][0]
+
+
 # ------------------------------------------------------------------ the load generator
 async def lean_client(port: int, bodies: list[bytes], out: list) -> None:
     """One keep-alive connection sending its requests one after another; the response is read
@@ -108,13 +115,75 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_level(pool, procs: int, port: int, client, prompts: list[str], c: int, tokens: int) -> dict:
+class FrontEnds:
+    """`exactllm serve --api-servers N` as its processes run it (api_servers.api_server_main on
+    sockets sharing one port), over an engine process with the stand-in steps; one more pipe
+    goes to a control client here (EngineClient.call for take_adds, prompt_steps)."""
+
+    def __init__(self, spec, n: int, max_queue: int, switch_interval_s: float):
+        from exactllm.server.api_servers import FrontEndOptions, api_server_main, listen_sockets
+        from exactllm.server.engine_client import EngineClient, EngineLink, EngineProcess
+        from exactllm.server.runner import free_port
+        self.engine = EngineProcess(spec, n + 1)
+        ctx = multiprocessing.get_context("spawn")
+        in_flight = ctx.Value("q", 0)
+        self.port = free_port()
+        socks = listen_sockets("127.0.0.1", self.port, n)
+        opts = FrontEndOptions(MODEL, (), None, max_queue, 30.0, switch_interval_s, "warning", os.getpid())
+        self.procs = [ctx.Process(target=api_server_main, args=(EngineLink(self.engine.conns[i], self.engine.info,
+                                                                           in_flight, n + 1), socks[i], opts))
+                      for i in range(n)]
+        for p in self.procs:
+            p.start()
+        for sock in socks:
+            sock.close()
+        self.control = EngineClient(max_queue=max_queue, link=EngineLink(self.engine.conns[n], self.engine.info,
+                                                                         in_flight, n + 1))
+        import asyncio
+        import threading
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.loop.call_soon_threadsafe(self.control.attach, self.loop)
+        import httpx
+        ok, deadline = 0, time.monotonic() + 120
+        while ok < 4 * n:  # new connections land on every front end by now (in all likelihood)
+            try:
+                ok += httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the front ends did not start"
+                time.sleep(0.2)
+
+    def cpu(self) -> float:
+        """CPU seconds of the front-end processes so far."""
+        total = 0.0
+        for p in self.procs:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.join(60)
+        self.loop.call_soon_threadsafe(self.control.detach)
+        time.sleep(0.1)
+        self.control.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.engine.proc.join(30)
+        self.engine.stop()
+
+
+def run_level(pool, procs: int, port: int, client, prompts: list[str], c: int, tokens: int,
+              cpu_seconds=cpu_seconds) -> dict:
     bodies = [json.dumps({"model": MODEL, "prompt": p, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
                           "stream": True, "logprobs": 0}).encode() for p in prompts]
     clients = [bodies[k::c] for k in range(c)]
     procs = min(procs, c)
     client.call(take_adds)
-    steps0 = client.stats["steps"].get("prompt", [0])[0]
+    steps0 = client.call(prompt_steps)
     go = time.monotonic() + 0.5
     cpu0 = cpu_seconds()
     futs = [pool.submit(client_process, port, clients[p::procs], go) for p in range(procs)]
@@ -128,7 +197,7 @@ def run_level(pool, procs: int, port: int, client, prompts: list[str], c: int, t
     return {"wall_s": wall, "cpu_s": cpu, "requests": len(results), "tokens": len(prompts) * tokens,
             "chunks": sum(r["chunks"] for r in results),
             "ttft_p50_ms": statistics.median(r["ttft"] for r in results) * 1e3,
-            "prompt_steps_per_round": (client.stats["steps"].get("prompt", [0])[0] - steps0) / rounds,
+            "prompt_steps_per_round": (client.call(prompt_steps) - steps0) / rounds,
             "arrival_spread_ms": statistics.median(spread) * 1e3}
 
 
@@ -142,6 +211,9 @@ def main() -> None:
     ap.add_argument("--prompt-ms", type=float, default=3.0, help="stand-in prompt step (H100 graph ~2.4-3)")
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--switch-interval-ms", type=float, default=0.05, help="as `exactllm serve`")
+    ap.add_argument("--api-servers", type=int, default=1,
+                    help="N > 1: the HTTP side as `exactllm serve --api-servers N` runs it (N processes; their "
+                         "CPU is measured), not in this process")
     ap.add_argument("--out", default=os.path.join("bench", "results", "http_overhead.json"))
     args = ap.parse_args()
 
@@ -155,23 +227,31 @@ def main() -> None:
         f.result()
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
     setup = functools.partial(fake_steps, decode_s=args.decode_ms / 1e3, prompt_s=args.prompt_ms / 1e3)
-    client = EngineClient(EngineSpec(MODEL, max_num_seqs=max(64, args.clients), setup=setup), max_queue=4096)
-    app = create_app(client, MODEL)
+    spec = EngineSpec(MODEL, max_num_seqs=max(64, args.clients), setup=setup)
     c = args.clients
     runs = {t: [] for t in args.tokens}
-    with ServerThread(app) as srv:
+    if args.api_servers > 1:
+        fronts = FrontEnds(spec, args.api_servers, 4096, args.switch_interval_ms / 1e3)
+        client, port, cpu_fn, stop = fronts.control, fronts.port, fronts.cpu, fronts.close
+    else:
+        client = EngineClient(spec, max_queue=4096)
+        srv = ServerThread(create_app(client, MODEL)).__enter__()
+        port, cpu_fn, stop = srv.port, cpu_seconds, lambda: srv.__exit__(None, None, None)
+    try:
         warm = [f"warm {i}: Write one sentence about the history of tea in China." for i in range(c)]
-        run_level(pool, args.client_procs, srv.port, client, warm, c, 4)
+        run_level(pool, args.client_procs, port, client, warm, c, 4, cpu_fn)
         for rep in range(args.repeats):
             for t in args.tokens:
                 prompts = [f"{i}/{rep}/{t}: Write one sentence about the history of tea in China."
                            for i in range(c * args.rounds)]
-                r = run_level(pool, args.client_procs, srv.port, client, prompts, c, t)
+                r = run_level(pool, args.client_procs, port, client, prompts, c, t, cpu_fn)
                 runs[t].append(r)
                 print(f"T={t} repeat {rep}: wall {r['wall_s']:.2f} s, HTTP CPU {r['cpu_s']:.2f} s "
                       f"({r['cpu_s'] / r['requests'] * 1e3:.2f} ms/request), chunks {r['chunks']}, "
                       f"TTFT p50 {r['ttft_p50_ms']:.1f} ms, prompt steps/round {r['prompt_steps_per_round']:.1f}, "
                       f"arrival spread {r['arrival_spread_ms']:.1f} ms", flush=True)
+    finally:
+        stop()
     pool.shutdown()
 
     med = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in runs.items()}
@@ -180,7 +260,8 @@ def main() -> None:
     per_req = med[t1]["cpu_s"] / n
     per_tok = (med[t2]["cpu_s"] - med[t1]["cpu_s"]) / (n * (t2 - t1))
     per_chunk = (med[t2]["cpu_s"] - med[t1]["cpu_s"]) / max(1, med[t2]["chunks"] - med[t1]["chunks"])
-    print(f"\nHTTP process, {c} streaming clients x {args.rounds} rounds, {platform.machine()} x{os.cpu_count()} CPU")
+    print(f"\nHTTP process(es): {args.api_servers}, {c} streaming clients x {args.rounds} rounds, "
+          f"{platform.machine()} x{os.cpu_count()} CPU")
     print(f"{'T':>4} {'wall s':>7} {'CPU s':>7} {'chunks':>7} {'TTFT p50':>9} {'prompt st/round':>16} {'spread ms':>10}")
     for t in args.tokens:
         m = med[t]
