@@ -287,7 +287,7 @@ def test_no_process_outlives_a_killed_one(victim):
             proc.wait()
         else:
             os.kill(listening(spawned, int(url.rsplit(":", 1)[1]))[0], signal.SIGKILL)
-            assert proc.wait(timeout=60) == 1
+            assert proc.wait(timeout=120) == 1  # (a loaded 2-core box: front ends import torch)
         assert all(gone(pid) for pid in spawned)
     finally:
         if proc.poll() is None:

@@ -133,7 +133,10 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
     for i in range(n):
         if stopping:
             break
-        link = EngineLink(engine.conns[i], engine.info, in_flight, n)
+        # Without the engine's info (the tokenizer: megabytes): a start blocks while its arguments
+        # do not fit the pipe to the new process, and for ever should that process die first
+        # (multiprocessing holds the pipe's read end until the write is done).
+        link = EngineLink(engine.conns[i], None, in_flight, n)
         # Daemonic: should this process end abnormally, multiprocessing terminates them rather
         # than waiting for them for ever.
         p = ctx.Process(target=api_server_main, args=(link, socks[i % len(socks)], opts), name=f"exactllm-api-{i}",
@@ -150,8 +153,8 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
         print(f"exactllm: serving '{opts.name}' on http://{host}:{port}/v1 with {n} API-server processes"
               f"{' (API key required)' if opts.api_key else ''}", file=sys.stderr, flush=True)
     status = 0
-    while any(p.is_alive() for p in procs):
-        multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()])
+    while alive := [p for p in procs if p.is_alive()]:
+        multiprocessing.connection.wait([p.sentinel for p in alive])  # (a sentinel stays readable once it ends)
         if not stopping and any(not p.is_alive() for p in procs):
             failed = [f"{p.name} (status {p.exitcode})" for p in procs if not p.is_alive()]
             log.error("an API-server process exited: %s; stopping the others", ", ".join(failed))

@@ -102,10 +102,11 @@ class GenRequest:
 @dataclass
 class EngineLink:
     """An API-server process's share of an engine process another process started (`exactllm
-    serve --api-servers N`): its pipe, the engine's ready info, the in-flight count all front
-    ends share (a multiprocessing.Value: the 429 limit is the server's, not each process's)."""
+    serve --api-servers N`): its pipe, the engine's ready info (None: asked for over the pipe),
+    the in-flight count all front ends share (a multiprocessing.Value: the 429 limit is the
+    server's, not each process's)."""
     conn: object
-    info: dict
+    info: dict | None
     in_flight: object
     front_ends: int
 
@@ -160,7 +161,8 @@ class EngineClient:
             self.proc, self._conn, info = self._engine.proc, self._engine.conns[0], self._engine.info
             self._shared, self.front_ends = None, 1
         else:
-            self._engine, self.proc, self._conn, info = None, None, link.conn, link.info
+            self._engine, self.proc, self._conn = None, None, link.conn
+            info = link.info if link.info is not None else self._ask_info()
             self._shared, self.front_ends = link.in_flight, link.front_ends
         self.tokenizer, self.max_model_len, self.vocab = info["tokenizer"], info["max_model_len"], info["vocab"]
         self.max_in_flight = info["max_num_seqs"] + max_queue
@@ -180,6 +182,18 @@ class EngineClient:
         self._parsing = self._parsing_sent = 0
         self._sender = threading.Thread(target=self._send_loop, name="exactllm-engine-send", daemon=True)
         self._sender.start()
+
+    def _ask_info(self) -> dict:
+        """The engine's ready info over the pipe (an API-server process is not given it: its
+        arguments must stay small, see api_servers.serve). A scrape another front end started
+        meanwhile is answered empty."""
+        self._conn.send([("info",)])
+        while True:
+            msg = self._conn.recv()
+            if msg[0] == "ready":
+                return msg[1]
+            if msg[0] == "scrape":
+                self._conn.send([("snap", msg[1], None)])
 
     # ------------------------------------------------------------ lifetime
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -8,7 +8,8 @@ to it over a duplex pipe of its own (engine_client.py); rids are per pipe:
 
   in:  a list of commands per message: ("add", rid, prompt ids, SamplingParams),
        ("abort", rid), ("parsing", n) (requests that front end is still turning into adds),
-       ("call", call id, fn, args) (fn(core, *args), for tests), ("scrape", id) (the other
+       ("call", call id, fn, args) (fn(core, *args), for tests), ("info",) (send "ready"
+       again, to a front end that was not given it), ("scrape", id) (the other
        front ends' metrics, for /metrics), ("snap", key, metrics) (this front end's, asked
        for by a scrape), ("stop",) (this front end is done: what it still runs is aborted)
   out: ("ready", info) or ("failed", message) once; then per loop iteration that did
@@ -236,6 +237,8 @@ class EngineCore:
                 self.admission.parsing = sum(self.parsing)
             elif kind == "call":
                 self._call(src, *cmd[1:])
+            elif kind == "info":
+                self._send(src, ("ready", engine_info(self.engine)))
             elif kind == "scrape":
                 self._scrape(src, cmd[1])
             elif kind == "snap":
@@ -351,6 +354,12 @@ class EngineCore:
                 out[src].append(("t", rid, toks, lps, None, None))
 
 
+def engine_info(engine) -> dict:
+    """What a front end needs of the engine (the "ready" message)."""
+    return {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
+            "vocab": engine.model_config.vocab, "max_num_seqs": engine.cfg.max_num_seqs}
+
+
 def exit_with_parent(parent_pid: int) -> None:
     """A watchdog thread: exit this process within a second of its parent's end (however the
     parent died, nobody would read what this process makes)."""
@@ -394,8 +403,7 @@ def core_main(spec: EngineSpec, conns: list, parent_pid: int) -> None:
             with contextlib.suppress(OSError):
                 conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
-    info = {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
-            "vocab": engine.model_config.vocab, "max_num_seqs": engine.cfg.max_num_seqs}
+    info = engine_info(engine)
     for conn in conns:
         conn.send(("ready", info))
     # The step loop runs on a thread of its own: on a busy 2-core machine, torch's CPU ops driven
