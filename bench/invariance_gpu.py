@@ -42,13 +42,15 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_mode(model: str, mode: str, batch_sizes: list[int], tokens: int, device: str) -> dict:
-    llm = LLM(model, device=device, numerics=mode, max_num_seqs=max(batch_sizes))
+def timed_runs(llm, batch_sizes: list[int], tokens: int, device: str, repeats: int = 2) -> tuple[dict, dict]:
+    """{batch size: the targets' outputs}, {batch size: generated tok/s}: the targets alone (batch 1)
+    or inside batches filled with other prompts; tok/s of the last of ``repeats`` runs (the first
+    captures CUDA graphs and compiles)."""
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate(TARGETS[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
     runs, speed = {}, {}
     for bs in batch_sizes:
-        for attempt in range(2):  # the first run captures CUDA graphs / compiles; time the second
+        for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
             if bs == 1:
@@ -61,6 +63,12 @@ def run_mode(model: str, mode: str, batch_sizes: list[int], tokens: int, device:
             sync(device)
             speed[bs] = n_tok / (time.perf_counter() - t0)
         runs[bs] = outs
+    return runs, speed
+
+
+def run_mode(model: str, mode: str, batch_sizes: list[int], tokens: int, device: str) -> dict:
+    llm = LLM(model, device=device, numerics=mode, max_num_seqs=max(batch_sizes))
+    runs, speed = timed_runs(llm, batch_sizes, tokens, device)
     base = runs[batch_sizes[0]]
     diffs = {bs: sum(a != b for o, r in zip(outs, base) for a, b in zip(o.logprobs, r.logprobs))
              for bs, outs in runs.items()}

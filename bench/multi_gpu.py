@@ -20,35 +20,19 @@ import time
 
 import torch
 
-from exactllm import LLM, SamplingParams
+from exactllm import LLM
 from exactllm.distributed.launch import launch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from invariance_gpu import TARGETS, filler, release, sync  # noqa: E402
+from invariance_gpu import TARGETS, release, timed_runs  # noqa: E402
 
 
 def serve(model: str, mode: str, tp: int, batch_sizes: list[int], tokens: int, device: str,
           repeats: int = 2) -> tuple[dict, dict]:
     """{batch size: the targets' outputs}, {batch size: generated tok/s} at one TP size."""
     llm = LLM(model, device=device, numerics=mode, tensor_parallel_size=tp, max_num_seqs=max(batch_sizes))
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    runs, speed = {}, {}
     try:
-        llm.generate(TARGETS[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
-        for bs in batch_sizes:
-            for _ in range(repeats):  # the first run captures graphs and compiles; time the last
-                sync(device)
-                t0 = time.perf_counter()
-                if bs == 1:
-                    outs = [llm.generate([p], params, use_tqdm=False)[0] for p in TARGETS]
-                    n_tok = tokens * len(TARGETS)
-                else:
-                    batch = TARGETS + [filler(i) for i in range(bs - len(TARGETS))]
-                    outs = llm.generate(batch, params, use_tqdm=False)[:len(TARGETS)]
-                    n_tok = tokens * bs
-                sync(device)
-                speed[bs] = n_tok / (time.perf_counter() - t0)
-            runs[bs] = outs
+        runs, speed = timed_runs(llm, batch_sizes, tokens, device, repeats)
     finally:
         llm.close()
         del llm
