@@ -58,28 +58,42 @@ def prompts_for(level: int, n: int) -> list[str]:
     return [f"{i}/{level}: Write one sentence about the history of tea in China." for i in range(n)]
 
 
+class StreamStats:
+    """What a load-generator stream records of its SSE events, whichever client parsed them: the
+    chunk count and each chunk's token count and arrival time, from t0 (just before the request)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.stamps, self.done, self.chunks = [], False, 0
+
+    def event(self, data) -> None:
+        """One event's payload, after "data: " (str or bytes)."""
+        if data in ("[DONE]", b"[DONE]"):
+            self.done = True
+            return
+        self.chunks += 1
+        k = len(json.loads(data)["choices"][0]["logprobs"]["tokens"])
+        if k:
+            self.stamps.append((time.perf_counter(), k))
+
+    def result(self) -> dict:
+        if not self.done:
+            raise RuntimeError("stream ended without [DONE]")
+        stamps = self.stamps
+        itl = [(b - a) / k for (a, _), (b, k) in zip(stamps, stamps[1:])]
+        return {"ttft": stamps[0][0] - self.t0, "itl": itl, "tokens": sum(k for _, k in stamps),
+                "chunks": self.chunks, "latency": time.perf_counter() - self.t0}
+
+
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
-    t0 = time.perf_counter()
-    stamps, done, chunks = [], False, 0
+    stats = StreamStats()
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
         async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-                continue
-            chunk = json.loads(line[6:])
-            chunks += 1
-            k = len(chunk["choices"][0]["logprobs"]["tokens"])
-            if k:
-                stamps.append((time.perf_counter(), k))
-    if not done:
-        raise RuntimeError("stream ended without [DONE]")
-    ntok = sum(k for _, k in stamps)
-    itl = [(b - a) / k for (a, _), (b, k) in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": ntok, "chunks": chunks, "latency": time.perf_counter() - t0}
+            if line.startswith("data: "):
+                stats.event(line[6:])
+    return stats.result()
 
 
 class LeanConnection:
@@ -123,32 +137,20 @@ class LeanConnection:
     async def stream(self, body: dict) -> dict:
         """stream_one over this connection."""
         data = json.dumps(body).encode()
-        t0 = time.perf_counter()
+        stats = StreamStats()
         self.writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                           b"content-length: %d\r\n\r\n%s" % (len(data), data))
         status, head = await self._head()
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {(await self._body(head)).decode()}")
-        stamps, done, chunks, buf = [], False, 0, b""
+        buf = b""
         async for part in self._chunks():
             buf += part
             *events, buf = buf.split(b"\n\n")
             for ev in events:
-                if not ev.startswith(b"data: "):
-                    continue
-                if ev == b"data: [DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(ev[6:])
-                chunks += 1
-                k = len(chunk["choices"][0]["logprobs"]["tokens"])
-                if k:
-                    stamps.append((time.perf_counter(), k))
-        if not done:
-            raise RuntimeError("stream ended without [DONE]")
-        itl = [(b - a) / k for (a, _), (b, k) in zip(stamps, stamps[1:])]
-        return {"ttft": stamps[0][0] - t0, "itl": itl, "tokens": sum(k for _, k in stamps), "chunks": chunks,
-                "latency": time.perf_counter() - t0}
+                if ev.startswith(b"data: "):
+                    stats.event(ev[6:])
+        return stats.result()
 
     def close(self) -> None:
         self.writer.close()
