@@ -12,6 +12,15 @@ import httpx
 from exactllm.server.runner import free_port
 
 
+def metric(url: str, series: str) -> float:
+    """One sample from /metrics by its exact series text, e.g. 'x_total{reason="abort"}'; 0 if absent."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == series:
+            return float(value)
+    return 0.0
+
+
 def start_serve(*args: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """(process, base url) of a server started with ``exactllm serve --port <free> *args``."""
     port = free_port()

@@ -32,7 +32,7 @@ from exactllm.server.engine_client import EngineClient, Event, merge_events
 from exactllm.server.engine_core import Admission, EngineCore, EngineSpec
 from exactllm.server.protocol import ChunkEncoder, chat_body, completion_body
 from exactllm.server.runner import ServerThread
-from serve_process import engine_state, fail_step, gone, set_window, slow_steps
+from serve_process import engine_state, fail_step, gone, metric, set_window, slow_steps
 
 MINI = "random:llama-mini"
 KEY = "sk-test-7f3a9c"  # the mini server requires it
@@ -62,15 +62,6 @@ def ref():
 
 def headers(key=KEY):
     return {"Authorization": f"Bearer {key}"}
-
-
-def metric(url: str, series: str) -> float:
-    """One sample from /metrics by its exact series text, e.g. 'x_total{reason="abort"}'; 0 if absent."""
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == series:
-            return float(value)
-    return 0.0
 
 
 def wait_idle(srv, timeout=30.0):

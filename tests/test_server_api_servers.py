@@ -25,7 +25,7 @@ from exactllm.server.app import create_app
 from exactllm.server.engine_client import EngineClient, EngineLink, EngineProcess, GenRequest
 from exactllm.server.engine_core import EngineSpec
 from exactllm.server.runner import ServerThread
-from serve_process import children, engine_state, gone, slow_steps, start_serve
+from serve_process import children, engine_state, gone, metric, slow_steps, start_serve
 
 MINI = "random:llama-mini"
 LONG = {"model": MINI, "prompt": "the long one", "max_tokens": 1500, "ignore_eos": True, "stream": True}
@@ -73,14 +73,6 @@ def stop_third(client: EngineClient) -> None:
 @pytest.fixture(scope="module")
 def ref():
     return LLM(MINI)
-
-
-def metric(url: str, series: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == series:
-            return float(value)
-    return 0.0
 
 
 def wait_idle(client: EngineClient, timeout: float = 30.0) -> None:
