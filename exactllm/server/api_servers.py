@@ -27,12 +27,14 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 from exactllm.server.engine_client import EngineLink, EngineProcess, EngineStartError
 from exactllm.server.engine_core import EngineSpec, exit_with_parent
 
 log = logging.getLogger("exactllm.serve")
+STOP_GRACE_S = 5.0  # beyond the drain timeout, before a front end that has not exited is killed
 
 
 @dataclass
@@ -121,7 +123,7 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
 
     def stop(sig, frame=None):
         if not stopping:
-            stopping.append(sig)
+            stopping.append(time.monotonic())
             for p in procs:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGTERM)
@@ -154,7 +156,17 @@ def serve(spec: EngineSpec, n: int, host: str, port: int, opts: FrontEndOptions)
               f"{' (API key required)' if opts.api_key else ''}", file=sys.stderr, flush=True)
     status = 0
     while alive := [p for p in procs if p.is_alive()]:
-        multiprocessing.connection.wait([p.sentinel for p in alive])  # (a sentinel stays readable once it ends)
+        # (a sentinel stays readable once it ends; the timeout lets a stop's deadline pass)
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=1.0)
+        if stopping and time.monotonic() > stopping[0] + opts.drain_timeout + STOP_GRACE_S:
+            # past the drain timeout a front end should have exited (uvicorn's own bound): as a
+            # supervisor must, end it rather than wait for ever
+            log.error("API-server processes still running %.0f s after the stop: killing %s",
+                      time.monotonic() - stopping[0], ", ".join(p.name for p in alive))
+            for p in alive:
+                p.kill()
+            status = 1
+            continue
         if not stopping and any(not p.is_alive() for p in procs):
             failed = [f"{p.name} (status {p.exitcode})" for p in procs if not p.is_alive()]
             log.error("an API-server process exited: %s; stopping the others", ", ".join(failed))
